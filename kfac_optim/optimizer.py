@@ -1,0 +1,123 @@
+"""KFAC: a torch.optim.Optimizer = K-FAC preconditioner + SGD-momentum base update."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .options import check_kl_clip, check_nonneg
+from .preconditioner import KFACPreconditioner
+
+__all__ = ["KFAC"]
+
+
+class KFAC(torch.optim.Optimizer):
+    """K-FAC natural-gradient optimizer (Martens & Grosse 2015).
+
+    Each ``step()`` preconditions the gradients of the supported layers with
+    ``KFACPreconditioner`` (KL-clipped at the group's ``lr``), then applies SGD with
+    momentum and (coupled) weight decay to every parameter::
+
+        d = grad_pre + weight_decay * p;  buf = momentum * buf + d
+        p -= lr * (d + momentum * buf if nesterov else buf)
+
+    Hyperparameters live in ``param_groups``: ``lr``, ``momentum``, ``weight_decay``,
+    ``nesterov`` per group; ``damping`` and ``kl_clip`` are read from the first group
+    at every step, so LR schedulers (and a scheduler writing ``group["damping"]``) work.
+
+    Args:
+        model: the model whose trainable parameters are optimized.
+        lr: learning rate > 0.
+        momentum: in [0, 1).
+        weight_decay: >= 0 (L2, added to the preconditioned gradient).
+        nesterov: Nesterov momentum.
+        damping, kl_clip: as in ``KFACPreconditioner``.
+        params: optional parameter groups (as for any torch optimizer) over a subset of
+            ``model``'s parameters; default: all parameters with ``requires_grad``.
+        **kfac_kwargs: the other ``KFACPreconditioner`` arguments.
+
+    State: ``state_dict()`` is the usual optimizer state plus the preconditioner's under
+    key ``"kfac"``; tensors and plain values only, valid right after construction.
+
+    Raises:
+        ValueError / TypeError: bad arguments, naming the argument and accepted values.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
+                 weight_decay: float = 0.0, nesterov: bool = False, damping: float = 1e-3,
+                 kl_clip: float | None = 1e-3, *, params: Any = None, **kfac_kwargs: Any):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if check_nonneg("lr", lr) <= 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if not 0.0 <= check_nonneg("momentum", momentum) < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        check_nonneg("weight_decay", weight_decay)
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        if "lr" in kfac_kwargs:
+            raise TypeError("lr given twice")
+        self.preconditioner = KFACPreconditioner(model, damping=damping, kl_clip=kl_clip,
+                                                 lr=lr, **kfac_kwargs)
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                        damping=float(damping), kl_clip=check_kl_clip(kl_clip))
+        super().__init__(params, defaults)
+        self.skipped_steps = 0
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        """Precondition, then take the SGD-momentum step. Returns ``closure()``'s loss.
+
+        A step whose preconditioned gradients are not finite is skipped (weights and
+        momentum unchanged, ``skipped_steps`` incremented, a warning).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        first = self.param_groups[0]
+        self.preconditioner.step(lr=first["lr"], damping=first["damping"],
+                                 kl_clip=first["kl_clip"])
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self.skipped_steps += 1
+            warnings.warn("KFAC: non-finite gradient; step skipped, weights unchanged",
+                          stacklevel=2)
+            return loss
+        for group in self.param_groups:
+            self._sgd(group)
+        return loss
+
+    def _sgd(self, group: dict) -> None:
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            d = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
+            if mom != 0:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = d.clone()
+                else:
+                    buf.mul_(mom).add_(d)
+                d = d.add(buf, alpha=mom) if group["nesterov"] else buf
+            p.add_(d, alpha=-lr)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["kfac"] = self.preconditioner.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        kfac_state = state_dict.pop("kfac", None)
+        if kfac_state is not None:
+            self.preconditioner.load_state_dict(kfac_state)
+        super().load_state_dict(state_dict)
