@@ -264,8 +264,8 @@ class KFACPreconditioner:
     def _grad_hook(self, layer: _Layer, x: Tensor, ctx: _BatchContext | None, grad: Tensor):
         cap = layer.capture
         opts = self.options
-        dtype = opts.factor_dtype or (torch.float64 if x.dtype == torch.float64 else
-                                      torch.float32)
+        dtype = opts.factor_dtype or (torch.float64 if cap.weight.dtype == torch.float64
+                                      else torch.float32)
         rows = cap.input_rows(x)
         mask = None
         if ctx is not None and ctx.mask is not None and ctx.mask.shape == cap.mask_shape(x):
