@@ -33,7 +33,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["KFAC_APPROXIMATIONS", "input_statistics", "output_grad_statistics", "RunningFactor"]
+__all__ = [
+    "KFAC_APPROXIMATIONS", "input_statistics", "embedding_input_statistics", "output_grad_rows",
+    "RunningFactor", "LowRankFactor",
+]
 
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 
@@ -96,26 +99,48 @@ def embedding_input_statistics(
     return counts, w.sum()
 
 
-def output_grad_statistics(
+def output_grad_rows(
     grads: Tensor, mask: Tensor | None, *, scale: float | Tensor, approx: str, dtype: torch.dtype
 ) -> Tensor:
-    """Sum of output-gradient outer products for one backward call.
+    """Output-gradient rows of the summed loss for one backward call.
 
     Args:
         grads: ``(B, R, o)`` gradients w.r.t. the layer output, as autograd gave them.
         mask: ``(B, R)`` validity mask or None.
         scale: factor turning them into gradients of the summed loss (``N`` for a
-            mean-reduced loss over ``N`` terms, 1 for a summed loss).
-        approx: ``"expand"`` or ``"reduce"``.
+            mean-reduced loss over ``N`` terms, 1 for a summed loss), divided by a
+            gradient scaler's scale when one is active.
+        approx: ``"expand"`` (one row per position) or ``"reduce"`` (sum over positions).
 
     Returns:
-        ``sum g g^T``: ``(o, o)``.
+        ``g``: ``(rows, o)``; ``sum g g^T`` is this call's contribution to ``N G``. Masked
+        rows are zero (they add nothing to ``sum g g^T``).
     """
     grads = grads.to(dtype) * scale
     if mask is not None:
         grads = grads * mask.to(dtype).unsqueeze(-1)
-    grads = grads.sum(1) if approx == "reduce" else grads.reshape(-1, grads.shape[-1])
-    return grads.t() @ grads
+    return grads.sum(1) if approx == "reduce" else grads.reshape(-1, grads.shape[-1])
+
+
+def _compute(t: Tensor) -> Tensor:
+    """Half-precision storage is computed with in float32."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def choose_store_device(nbytes: int, compute_device: torch.device, policy: str,
+                        threshold_bytes: int) -> torch.device:
+    """Where a low-rank factor lives between uses.
+
+    ``"compute"``: next to the layer; ``"cpu"``: host memory; ``"auto"``: next to the
+    layer while it takes at most ``threshold_bytes``, else host memory (pinned when the
+    layer is on an accelerator, and moved to it on use). On a CPU-only machine every
+    policy gives the CPU.
+    """
+    if policy == "cpu":
+        return torch.device("cpu")
+    if policy == "compute" or nbytes <= threshold_bytes:
+        return compute_device
+    return torch.device("cpu")
 
 
 class RunningFactor:
@@ -127,14 +152,20 @@ class RunningFactor:
     them; ``update`` folds a batch factor into the EMA.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, storage_dtype: torch.dtype | None = None) -> None:
+        self.storage_dtype = storage_dtype
         self.ema: Tensor | None = None
         self.weight = 0.0
         self.updates = 0
         self.pending_sum: Tensor | None = None
         self.pending_count: Tensor | None = None
 
-    def add(self, outer_sum: Tensor, count: Tensor | float) -> None:
+    def add(self, rows: Tensor, count: Tensor | float) -> None:
+        """Add ``rows^T rows`` ((r, n) rows -> (n, n)) and their count."""
+        self.add_sum(rows.t() @ rows, count)
+
+    def add_sum(self, outer_sum: Tensor, count: Tensor | float) -> None:
+        """Add a precomputed sum of outer products (or, for a diagonal factor, of squares)."""
         if self.pending_sum is None:
             self.pending_sum = outer_sum
             self.pending_count = torch.as_tensor(count, dtype=outer_sum.dtype,
@@ -156,21 +187,120 @@ class RunningFactor:
         return batch
 
     def update(self, batch: Tensor, decay: float) -> None:
-        """``ema <- decay ema + (1 - decay) batch``; the bias-correction weight follows."""
-        if self.ema is None:
-            self.ema = torch.zeros_like(batch)
-        self.ema.mul_(decay).add_(batch, alpha=1.0 - decay)
+        """``ema <- decay ema + (1 - decay) batch``; the bias-correction weight follows.
+
+        The EMA is computed in ``batch``'s dtype and stored in ``storage_dtype``."""
+        ema = batch * (1.0 - decay)
+        if self.ema is not None:
+            ema = ema.add_(self.ema.to(batch.dtype), alpha=decay)
+        self.ema = ema if self.storage_dtype is None else ema.to(self.storage_dtype)
         self.weight = decay * self.weight + (1.0 - decay)
         self.updates += 1
 
     def value(self) -> Tensor | None:
-        """Bias-corrected running factor, or None before the first update."""
-        return None if self.ema is None else self.ema / self.weight
+        """Bias-corrected running factor (at least float32), or None before the first update."""
+        return None if self.ema is None else _compute(self.ema) / self.weight
 
     def state_dict(self) -> dict:
         return {"ema": self.ema, "weight": self.weight, "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
         self.ema = state["ema"]
+        self.weight = float(state["weight"])
+        self.updates = int(state["updates"])
+
+
+class LowRankFactor:
+    """G kept as ``U U^T / w`` with ``U`` (o, k): the Woodbury policy's storage.
+
+    Each update appends the batch block ``U_b = [g_1 ... g_T] / sqrt(N)`` (so that
+    ``U_b U_b^T`` is the batch G) and rescales the stack for the EMA:
+    ``U <- [sqrt(decay) U, sqrt(1 - decay) U_b]``, ``w <- decay w + (1 - decay)``; the
+    bias-corrected factor is ``U U^T / w`` (DESIGN.md, "Woodbury policy"). ``rank`` is
+    ``k``, the number of stacked columns.
+    """
+
+    def __init__(self, storage_dtype: torch.dtype | None = None, store_device: str = "auto",
+                 threshold_bytes: int = 500 * 2**20) -> None:
+        self.storage_dtype = storage_dtype
+        self.store_device = store_device
+        self.threshold_bytes = threshold_bytes
+        self.cols: Tensor | None = None
+        self.weight = 0.0
+        self.updates = 0
+        self.pending_rows: list[Tensor] = []
+        self.pending_count: Tensor | None = None
+
+    def add(self, rows: Tensor, count: Tensor | float) -> None:
+        """Add ``rows`` (r, o) of output gradients and their loss-term ``count``."""
+        self.pending_rows.append(rows)
+        c = torch.as_tensor(count, dtype=rows.dtype, device=rows.device)
+        self.pending_count = c.clone() if self.pending_count is None else self.pending_count + c
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.pending_rows)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.cols is None else self.cols.shape[1]
+
+    def take_batch(self) -> Tensor | None:
+        """Batch block ``U_b`` (o, T) with ``U_b U_b^T = G_batch``, and clear."""
+        if not self.pending_rows:
+            return None
+        rows = torch.cat(self.pending_rows)
+        block = rows.t() / self.pending_count.clamp(min=1).sqrt()
+        self.pending_rows, self.pending_count = [], None
+        return block
+
+    def update(self, block: Tensor, decay: float) -> None:
+        """Stack ``sqrt(1 - decay) U_b`` after ``sqrt(decay) U``; store per the policies."""
+        device = block.device
+        cols = block * (1.0 - decay) ** 0.5
+        if self.cols is not None:
+            cols = torch.cat([self.cols.to(device, block.dtype) * decay**0.5, cols], 1)
+        if self.storage_dtype is not None:
+            cols = cols.to(self.storage_dtype)
+        store = choose_store_device(cols.numel() * cols.element_size(), device,
+                                    self.store_device, self.threshold_bytes)
+        if store != device:
+            cols = cols.to(store)
+            if device.type != "cpu":
+                cols = cols.pin_memory()
+        self.cols = cols
+        self.compute_device = device
+        self.weight = decay * self.weight + (1.0 - decay)
+        self.updates += 1
+
+    def factor(self) -> Tensor | None:
+        """``U / sqrt(w)`` (o, k) on the compute device, at least float32: the
+        bias-corrected G is ``factor() factor()^T``."""
+        if self.cols is None:
+            return None
+        device = getattr(self, "compute_device", self.cols.device)
+        return _compute(self.cols.to(device, non_blocking=True)) / self.weight**0.5
+
+    def value(self) -> Tensor | None:
+        """Dense bias-corrected ``G`` (o, o); for tests and for the dense fallback."""
+        u = self.factor()
+        return None if u is None else u @ u.t()
+
+    def to_dense(self) -> RunningFactor:
+        """The same factor as a dense ``RunningFactor`` (used past the rank limit)."""
+        dense = RunningFactor(self.storage_dtype)
+        if self.cols is not None:
+            u = self.factor() * self.weight**0.5
+            dense.ema = u @ u.t()
+            if self.storage_dtype is not None:
+                dense.ema = dense.ema.to(self.storage_dtype)
+        dense.weight, dense.updates = self.weight, self.updates
+        return dense
+
+    def state_dict(self) -> dict:
+        return {"cols": self.cols, "weight": self.weight, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cols = state["cols"]
         self.weight = float(state["weight"])
         self.updates = int(state["updates"])

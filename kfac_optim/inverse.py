@@ -12,6 +12,15 @@ gradient ``V`` (o, d) is preconditioned as
 where the factored (Tikhonov, "pi-split") damping of Martens & Grosse 2015, Sec. 6.3 is
 ``pi = sqrt( (tr(A)/d) / (tr(G)/o) )``, ``lambda_A = pi sqrt(lambda)``,
 ``lambda_G = sqrt(lambda) / pi``. A diagonal A (Embedding) has ``Q_A = I``.
+
+Woodbury policy (G side, DESIGN.md): ``G = U U^T`` with ``U`` (o, k), k << o.
+
+- Exact damping uses G's nonzero eigenpairs from the k x k Gram ``U^T U = W diag(s) W^T``:
+  ``Q_G = U W diag(s)^{-1/2}`` (o, r), a *thin* eigenbasis; ``precondition_eig`` adds the
+  complement ``(I - Q_G Q_G^T) V``, on which G's eigenvalue is 0. Cost O(o k^2 + k^3)
+  instead of O(o^3).
+- Factored damping solves ``(G + mu I)^{-1} V = (1/mu) [V - U (mu I + U^T U)^{-1} U^T V]``
+  with a Cholesky factor of the k x k system (jitter backoff, pseudo-inverse fallback).
 """
 
 from __future__ import annotations
@@ -22,7 +31,10 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["DAMPING_MODES", "eigh_psd", "factored_damping", "precondition_eig"]
+__all__ = [
+    "DAMPING_MODES", "eigh_psd", "lowrank_eigh", "clip_condition", "factored_damping",
+    "precondition_eig", "robust_cholesky", "woodbury_solve", "precondition_woodbury_factored",
+]
 
 DAMPING_MODES = ("exact", "factored")
 
@@ -75,6 +87,37 @@ def factored_damping(
     return pi * root, root / pi
 
 
+def lowrank_eigh(u: Tensor, *, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor] | None:
+    """Nonzero eigenpairs of ``G = U U^T`` from the Gram ``U^T U``.
+
+    Args:
+        u: ``(o, k)``.
+        dtype: solver dtype (float64 retried on failure, as in ``eigh_psd``).
+
+    Returns:
+        ``(s, Q)``: ``(r,)`` eigenvalues and ``(o, r)`` orthonormal eigenvectors, ``r <= k``
+        (eigenvalues below ``k * eps * max(s)`` are dropped: they belong to the null space
+        a duplicate or zero column creates), or None if the solver fails.
+    """
+    eig = eigh_psd(u.t() @ u, dtype=dtype)
+    if eig is None:
+        return None
+    s, w = eig
+    tol = max(u.shape) * torch.finfo(s.dtype).eps * s.max().clamp(min=torch.finfo(s.dtype).tiny)
+    keep = s > tol
+    s, w = s[keep], w[:, keep]
+    return s, (u @ w) / s.sqrt()
+
+
+def clip_condition(s: Tensor, max_condition_number: float | None) -> tuple[Tensor, int]:
+    """Raise eigenvalues below ``max(s) / kappa`` to it; returns ``(s, number clipped)``."""
+    if max_condition_number is None or s.numel() == 0:
+        return s, 0
+    floor = s.max() / max_condition_number
+    clipped = int((s < floor).sum())
+    return s.clamp(min=floor), clipped
+
+
 def precondition_eig(
     grad: Tensor,
     q_g: Tensor,
@@ -83,16 +126,19 @@ def precondition_eig(
     s_a: Tensor,
     damping: float,
     damping_mode: str = "exact",
+    s_g_rest: float | Tensor = 0.0,
 ) -> Tensor:
     """Precondition one layer's gradient with eigendecomposed Kronecker factors.
 
     Args:
         grad: ``V`` of shape ``(o, d)`` (bias as the last column).
-        q_g, s_g: eigenvectors ``(o, o)`` and eigenvalues ``(o,)`` of G.
+        q_g, s_g: eigenvectors ``(o, r)`` and eigenvalues ``(r,)`` of G; ``r < o`` is a
+            thin basis (Woodbury), G's eigenvalue on the complement being ``s_g_rest``.
         q_a, s_a: eigenvectors ``(d, d)`` and eigenvalues ``(d,)`` of A; ``q_a=None``
             when A is diagonal (``s_a`` is then the diagonal).
         damping: ``lambda`` >= 0.
         damping_mode: ``"exact"`` or ``"factored"`` (module docstring formulas).
+        s_g_rest: G's eigenvalue on the complement of ``q_g`` (0 for ``U U^T``).
 
     Returns:
         ``(o, d)`` preconditioned gradient, in ``grad``'s dtype.
@@ -101,18 +147,86 @@ def precondition_eig(
         ValueError: unknown ``damping_mode``.
     """
     dtype = s_g.dtype
-    v = grad.to(dtype)
-    v = q_g.t() @ v
+    o = q_g.shape[0]
+    va = grad.to(dtype)
     if q_a is not None:
-        v = v @ q_a
+        va = va @ q_a
+    proj = q_g.t() @ va
     if damping_mode == "exact":
         denom = torch.outer(s_g, s_a) + damping
+        rest = s_a * s_g_rest + damping
     elif damping_mode == "factored":
-        lam_a, lam_g = factored_damping(s_a.sum(), s_a.numel(), s_g.sum(), s_g.numel(), damping)
+        trace_g = s_g.sum() + (o - s_g.numel()) * s_g_rest
+        lam_a, lam_g = factored_damping(s_a.sum(), s_a.numel(), trace_g, o, damping)
         denom = torch.outer(s_g + lam_g, s_a + lam_a)
+        rest = (s_a + lam_a) * (s_g_rest + lam_g)
     else:
         raise ValueError(f"damping_mode={damping_mode!r}; accepted: {DAMPING_MODES}")
-    v = v / denom
+    out = q_g @ (proj / denom)
+    if q_g.shape[1] < o:
+        out = out + (va - q_g @ proj) / rest
     if q_a is not None:
-        v = v @ q_a.t()
-    return (q_g @ v).to(grad.dtype)
+        out = out @ q_a.t()
+    return out.to(grad.dtype)
+
+
+def robust_cholesky(
+    matrix: Tensor, *, max_jitter: float = 1e-2
+) -> tuple[str, Tensor, float]:
+    """Cholesky factor of a symmetric PSD matrix with jitter backoff.
+
+    Tries ``matrix + j I`` for ``j`` in ``0, eps*m, 10 eps*m, ...`` up to
+    ``max_jitter * m`` (``m`` = mean diagonal, ``eps`` = the dtype's machine epsilon); if
+    every try fails, falls back to the pseudo-inverse.
+
+    Args:
+        matrix: ``(k, k)`` symmetric PSD.
+        max_jitter: cap on the jitter, relative to the mean diagonal.
+
+    Returns:
+        ``(method, factor, jitter)``: ``("cholesky", L, j)`` with ``L L^T = matrix + j I``,
+        or ``("pinv", matrix^+, nan)``.
+    """
+    k = matrix.shape[0]
+    scale = float(matrix.diagonal().mean().clamp(min=torch.finfo(matrix.dtype).tiny))
+    eps = torch.finfo(matrix.dtype).eps
+    jitter, eye = 0.0, torch.eye(k, dtype=matrix.dtype, device=matrix.device)
+    while jitter <= max_jitter * scale:
+        chol, info = torch.linalg.cholesky_ex(matrix + jitter * eye)
+        if int(info) == 0:
+            if jitter > 0:
+                log.info("Cholesky needed jitter %.3g (relative %.3g)", jitter, jitter / scale)
+            return "cholesky", chol, jitter
+        jitter = eps * scale if jitter == 0 else jitter * 10
+    log.warning("Cholesky failed up to jitter %.3g; using the pseudo-inverse", jitter / 10)
+    return "pinv", torch.linalg.pinv(matrix, hermitian=True), float("nan")
+
+
+def woodbury_solve(u: Tensor, solver: tuple[str, Tensor, float], v: Tensor, mu: float | Tensor
+                   ) -> Tensor:
+    """``(U U^T + mu I)^{-1} V = (1/mu) [V - U (mu I + U^T U)^{-1} U^T V]``.
+
+    Args:
+        u: ``(o, k)``; v: ``(o, d)``; mu > 0.
+        solver: ``robust_cholesky(mu I + U^T U)``.
+    """
+    method, factor, _ = solver
+    rhs = u.t() @ v
+    inner = torch.cholesky_solve(rhs, factor) if method == "cholesky" else factor @ rhs
+    return (v - u @ inner) / mu
+
+
+def precondition_woodbury_factored(
+    grad: Tensor, u: Tensor, solver: tuple[str, Tensor, float], lam_g: float | Tensor,
+    q_a: Tensor | None, s_a: Tensor, lam_a: float | Tensor,
+) -> Tensor:
+    """``(G + lambda_G I)^{-1} V (A + lambda_A I)^{-1}`` with ``G = U U^T`` (Woodbury) and
+    ``A = Q_A diag(s_A) Q_A^T`` (or diagonal when ``q_a`` is None).
+
+    Args:
+        grad: ``(o, d)``; u: ``(o, k)``; solver: ``robust_cholesky(lambda_G I + U^T U)``.
+    """
+    left = woodbury_solve(u, solver, grad.to(u.dtype), lam_g)
+    if q_a is None:
+        return (left / (s_a + lam_a)).to(grad.dtype)
+    return (((left @ q_a) / (s_a + lam_a)) @ q_a.t()).to(grad.dtype)

@@ -15,9 +15,11 @@ from .inverse import DAMPING_MODES
 
 __all__ = ["KFACOptions", "INVERSE_POLICIES", "LOSS_REDUCTIONS"]
 
-INVERSE_POLICIES = ("eig",)
+INVERSE_POLICIES = ("eig", "woodbury", "auto", "hybrid")
 LOSS_REDUCTIONS = ("mean", "sum")
-FACTOR_DTYPES = (None, torch.float32, torch.float64)
+FACTOR_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
+INV_DTYPES = (None, torch.float32, torch.float64)
+STORE_DEVICES = ("auto", "cpu", "compute")
 
 
 def _is_real(x: Any) -> bool:
@@ -74,6 +76,16 @@ class KFACOptions:
     skip_layers: tuple = field(default_factory=tuple)
     factor_dtype: torch.dtype | None = None
     inv_dtype: torch.dtype | None = None
+    woodbury_max_rank: int = 8192
+    auto_rho: float = 1.0
+    auto_t_max: int = 8192
+    hybrid_min_out: int = 4096
+    max_condition_number: float | None = None
+    woodbury_dtype: torch.dtype | None = None
+    woodbury_store_device: str = "auto"
+    woodbury_store_threshold_bytes: int = 500 * 2**20
+    accumulation_steps: int = 1
+    grad_scaler: Any = None
 
     def __post_init__(self) -> None:
         self.damping = check_nonneg("damping", self.damping)
@@ -90,7 +102,21 @@ class KFACOptions:
         _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         _check_choice("kfac_approx", self.kfac_approx, KFAC_APPROXIMATIONS)
         _check_choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)
-        _check_choice("inv_dtype", self.inv_dtype, FACTOR_DTYPES)
+        _check_choice("inv_dtype", self.inv_dtype, INV_DTYPES)
+        _check_choice("woodbury_dtype", self.woodbury_dtype, FACTOR_DTYPES)
+        _check_choice("woodbury_store_device", self.woodbury_store_device, STORE_DEVICES)
+        for name in ("woodbury_max_rank", "auto_t_max", "hybrid_min_out", "accumulation_steps",
+                     "woodbury_store_threshold_bytes"):
+            _check_steps(name, getattr(self, name))
+        if not _is_real(self.auto_rho) or self.auto_rho <= 0:
+            raise ValueError(f"auto_rho must be a real number > 0, got {self.auto_rho!r}")
+        if self.max_condition_number is not None and (
+                not _is_real(self.max_condition_number) or self.max_condition_number < 1):
+            raise ValueError("max_condition_number must be None or a real number >= 1, got "
+                             f"{self.max_condition_number!r}")
+        if self.grad_scaler is not None and not hasattr(self.grad_scaler, "get_scale"):
+            raise TypeError("grad_scaler must be a torch.amp.GradScaler (or None), got "
+                            f"{type(self.grad_scaler).__name__}")
         self.skip_layers = self._check_skip_layers(self.skip_layers)
 
     @staticmethod
@@ -113,6 +139,21 @@ class KFACOptions:
                 raise TypeError("skip_layers entries must be module-name regexes (str) or "
                                 f"nn.Module subclasses, got {item!r}")
         return items
+
+    def uses_low_rank_g(self, out_features: int) -> bool:
+        """Whether a layer starts with a low-rank (Woodbury) G under ``inverse_policy``."""
+        if self.inverse_policy == "hybrid":
+            return out_features >= self.hybrid_min_out
+        return self.inverse_policy in ("woodbury", "auto")
+
+    def max_low_rank(self, out_features: int) -> int:
+        """Columns past which a low-rank G becomes dense: ``woodbury_max_rank``, and under
+        ``"auto"`` also ``auto_rho * o`` and ``auto_t_max`` (Woodbury costs O(o k^2 + k^3)
+        against eig's O(o^3), so it pays while ``k <= rho o``)."""
+        limit = self.woodbury_max_rank
+        if self.inverse_policy == "auto":
+            limit = min(limit, self.auto_t_max, int(self.auto_rho * out_features))
+        return limit
 
     def skips(self, name: str, module: nn.Module) -> bool:
         """Whether ``skip_layers`` leaves this module to the base update."""

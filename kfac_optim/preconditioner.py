@@ -18,12 +18,21 @@ import torch
 from torch import Tensor, nn
 
 from .factors import (
+    LowRankFactor,
     RunningFactor,
     embedding_input_statistics,
     input_statistics,
-    output_grad_statistics,
+    output_grad_rows,
 )
-from .inverse import eigh_psd, precondition_eig
+from .inverse import (
+    clip_condition,
+    eigh_psd,
+    factored_damping,
+    lowrank_eigh,
+    precondition_eig,
+    precondition_woodbury_factored,
+    robust_cholesky,
+)
 from .layers import LayerCapture, capture_for, is_supported
 from .options import KFACOptions, check_kl_clip, check_nonneg
 
@@ -40,33 +49,56 @@ class _BatchContext:
 
     ``mask``: ``(B, S)`` token validity (1 valid, 0 padding) or None.
     ``num_loss_rows``: N, the number of loss terms the loss is a mean / sum over.
+    ``grad_scale``: a GradScaler's scale when the forward ran (captured g are divided by it).
     ``counted``: layers that already counted N for this forward (a module applied
     several times in one forward adds rows to A, but its loss terms only once).
     """
 
     mask: Tensor | None = None
     num_loss_rows: Tensor | float | None = None
+    grad_scale: float = 1.0
     counted: set = field(default_factory=set)
 
 
 class _Layer:
-    """Per-layer state: capture view, running factors, last good eigendecomposition."""
+    """Per-layer state: capture view, running factors, last good inverse, diagnostics.
 
-    def __init__(self, capture: LayerCapture):
+    ``inv`` holds what preconditioning needs, computed at the last inverse update:
+    ``s_a, q_a`` (A's eigenpairs; ``q_a`` None for a diagonal A) and either
+    ``s_g, q_g, s_g_rest`` (G's eigenpairs, full or thin) or, for a low-rank G with
+    factored damping, ``u, gram, trace_g`` (Woodbury).
+    """
+
+    def __init__(self, capture: LayerCapture, opts: KFACOptions):
         self.capture = capture
-        self.a = RunningFactor()
-        self.g = RunningFactor()
-        self.eig: dict[str, Tensor | None] | None = None
+        self.a = RunningFactor(opts.factor_dtype if opts.factor_dtype in _HALF else None)
+        if opts.uses_low_rank_g(capture.out_features):
+            self.g: RunningFactor | LowRankFactor = LowRankFactor(
+                opts.woodbury_dtype, opts.woodbury_store_device,
+                opts.woodbury_store_threshold_bytes)
+        else:
+            self.g = RunningFactor(self.a.storage_dtype)
+        self.inv: dict[str, Any] | None = None
+        self.solver: tuple | None = None  # cached Cholesky of the Woodbury system
         self.nonfinite_skips = 0
         self.warned = False
+        self.diag: dict[str, Any] = {}
+
+    @property
+    def low_rank(self) -> bool:
+        return isinstance(self.g, LowRankFactor)
 
     def state_dict(self) -> dict:
         return {
             "A": self.a.state_dict(),
             "G": self.g.state_dict(),
-            "eig": None if self.eig is None else dict(self.eig),
+            "G_low_rank": self.low_rank,
+            "inv": None if self.inv is None else dict(self.inv),
             "nonfinite_skips": self.nonfinite_skips,
         }
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -75,6 +107,25 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, DistributedDataParallel):
         model = model.module
     return model
+
+
+def _nbytes(t: Any) -> int:
+    return t.numel() * t.element_size() if isinstance(t, Tensor) else 0
+
+
+def _condition(s: Tensor, rest: float = 0.0, dim: int | None = None) -> float:
+    """max / min eigenvalue, the complement of a thin basis counting as ``rest``."""
+    if s.numel() == 0:
+        return float("inf")
+    lo = float(s.min())
+    if dim is not None and s.numel() < dim:
+        lo = min(lo, rest)
+    return float(s.max()) / lo if lo > 0 else float("inf")
+
+
+def _fmt(row: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in row.items())
 
 
 def _to_device(state: dict, device: torch.device) -> dict:
@@ -114,15 +165,35 @@ class KFACPreconditioner:
         kl_clip: KL-clip threshold > 0, or None to disable; needs ``lr``.
         lr: learning rate of the update that follows (for the KL clip); ``step(lr=...)``
             overrides it.
-        inverse_policy: ``"eig"``.
+        inverse_policy: ``"eig"`` (eigendecompose A and G), ``"woodbury"`` (G kept as
+            ``U U^T`` from stacked output gradients, DESIGN.md "Woodbury policy"),
+            ``"auto"`` (Woodbury while its column count k <= ``auto_rho`` * o and
+            k <= ``auto_t_max``, then dense eig) or ``"hybrid"`` (Woodbury for layers with
+            o >= ``hybrid_min_out``, eig elsewhere). All give the same result on the same
+            factors; a low-rank G past ``woodbury_max_rank`` columns becomes dense (logged).
+        woodbury_max_rank, auto_rho, auto_t_max, hybrid_min_out: see ``inverse_policy``
+            (defaults 8192, 1.0, 8192, 4096).
+        max_condition_number: clip factor eigenvalues below ``max / kappa`` (None: off);
+            counts are in ``describe()``.
+        woodbury_dtype: storage dtype of U (None, float32, bfloat16, float16; computed in
+            float32).
+        woodbury_store_device: ``"auto"`` (next to the layer while U takes at most
+            ``woodbury_store_threshold_bytes``, default 500 MiB, else pinned host memory,
+            moved on use), ``"cpu"`` or ``"compute"``.
+        accumulation_steps: micro-batches per optimizer step when each micro-batch loss
+            is divided by it (the usual accumulation recipe): captured gradients are
+            multiplied back, statistics from every micro-batch enter one factor update.
+        grad_scaler: a ``torch.amp.GradScaler``: captured gradients are divided by its
+            scale, and statistics of a step whose gradients overflowed are dropped. With
+            a plain optimizer call ``scaler.unscale_(opt)`` before ``pre.step()``.
         loss_reduction: how the loss given to ``backward()`` was reduced over its N
             loss terms: ``"mean"`` (captured gradients are multiplied by N) or ``"sum"``.
         kfac_approx: ``"expand"`` (default) or ``"reduce"`` for weight sharing over
             positions (Eschenhagen et al. 2023); Embedding layers always use expand.
         skip_layers: module-name regexes (``re.search``) or module types left to the
             base update.
-        factor_dtype: accumulation/storage dtype of A and G: None (float32, or float64
-            for float64 layers), ``torch.float32`` or ``torch.float64``.
+        factor_dtype: storage dtype of A and G: None (float32, or float64 for float64
+            layers), float32, float64, or bfloat16/float16 (accumulated in float32).
         inv_dtype: eigensolver dtype (None: the factor dtype; float64 is retried on
             failure in any case).
 
@@ -154,10 +225,11 @@ class KFACPreconditioner:
         self.capture_enabled = True
         self._ctx: _BatchContext | None = None
         self._pending_mask: tuple[Tensor | None, Any] | None = None
+        self._pending_scale: float | None = None
         self._layers: dict[str, _Layer] = {}
         self._handles: list = []
         for name, module in self._select_modules():
-            self._layers[name] = _Layer(capture_for(name, module))
+            self._layers[name] = _Layer(capture_for(name, module), opts)
         for layer in self._layers.values():
             self._handles.append(layer.capture.module.register_forward_hook(
                 partial(self._forward_hook, layer)))
@@ -232,7 +304,32 @@ class KFACPreconditioner:
             labels = kwargs.get("labels")
             if mask is None and isinstance(labels, Tensor):
                 mask = labels != IGNORE_INDEX
-        self._ctx = _BatchContext(mask=mask, num_loss_rows=rows)
+        self._ctx = _BatchContext(mask=mask, num_loss_rows=rows, grad_scale=self._grad_scale())
+
+    def _grad_scale(self) -> float:
+        """The GradScaler's current scale; drops statistics of an overflowed step.
+
+        ``GradScaler.step`` skips ``step()`` when gradients overflowed, then ``update()``
+        backs the scale off: statistics still pending under another scale are from that
+        skipped step (their g were inf/NaN), and are dropped.
+        """
+        scaler = self.options.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        scale = scaler.get_scale()
+        if self._pending_scale is not None and self._pending_scale != scale:
+            dropped = self._drop_pending()
+            log.info("dropped statistics of %d layers from an overflowed step", dropped)
+        self._pending_scale = scale
+        return scale
+
+    def _drop_pending(self) -> int:
+        dropped = 0
+        for layer in self._layers.values():
+            dropped += int(layer.a.pending)
+            layer.a.take_batch()
+            layer.g.take_batch()
+        return dropped
 
     def _root_post_hook(self, module, args, kwargs, output):
         ctx = self._ctx
@@ -280,15 +377,19 @@ class KFACPreconditioner:
                                         dtype=dtype)
         n = t if ctx is None or ctx.num_loss_rows is None else ctx.num_loss_rows
         scale = n if opts.loss_reduction == "mean" else 1.0
-        g_sum = output_grad_statistics(cap.output_grad_rows(grad), mask, scale=scale,
-                                       approx=approx, dtype=dtype)
-        layer.a.add(a_sum, t)
-        if ctx is not None and id(layer) in ctx.counted:
-            layer.g.add(g_sum, 0.0)
-        else:
-            layer.g.add(g_sum, n)
-            if ctx is not None:
-                ctx.counted.add(id(layer))
+        if opts.accumulation_steps > 1:
+            scale = scale * opts.accumulation_steps
+        if ctx is not None and ctx.grad_scale != 1.0:
+            scale = scale / ctx.grad_scale
+        g_rows = output_grad_rows(cap.output_grad_rows(grad), mask, scale=scale, approx=approx,
+                                  dtype=dtype)
+        if layer.low_rank and mask is not None and approx == "expand":
+            g_rows = g_rows[mask.reshape(-1).bool()]  # padding rows are zero columns of U
+        layer.a.add_sum(a_sum, t)
+        first = ctx is None or id(layer) not in ctx.counted
+        layer.g.add(g_rows, n if first else 0.0)
+        if ctx is not None:
+            ctx.counted.add(id(layer))
 
     # Step ---------------------------------------------------------------------
     @torch.no_grad()
@@ -323,46 +424,106 @@ class KFACPreconditioner:
             a, g = layer.a.take_batch(), layer.g.take_batch()
             if a is not None and g is not None:
                 updates.append((layer, a, g))
+        self._pending_scale = None
         if not updates:
             return
         finite = torch.stack([torch.isfinite(a).all() & torch.isfinite(g).all()
                               for _, a, g in updates]).tolist()
+        decay = self.options.factor_decay
         for (layer, a, g), ok in zip(updates, finite, strict=True):
-            if ok:
-                layer.a.update(a, self.options.factor_decay)
-                layer.g.update(g, self.options.factor_decay)
+            if not ok:
+                layer.nonfinite_skips += 1
+                if not layer.warned:
+                    layer.warned = True
+                    warnings.warn(f"K-FAC layer '{layer.capture.name}': non-finite statistics; "
+                                  "factor update skipped, last good inverse kept", stacklevel=3)
                 continue
-            layer.nonfinite_skips += 1
-            if not layer.warned:
-                layer.warned = True
-                warnings.warn(f"K-FAC layer '{layer.capture.name}': non-finite statistics; "
-                              "factor update skipped, last good inverse kept", stacklevel=3)
+            layer.a.update(a, decay)
+            layer.g.update(g, decay)
+            layer.diag["T"] = g.shape[1] if layer.low_rank else None
+            if layer.low_rank:
+                limit = self.options.max_low_rank(layer.capture.out_features)
+                if layer.g.rank > limit:
+                    log.info("K-FAC layer '%s': low-rank G reached %d columns (> %d): switching "
+                             "to a dense G and the eig policy", layer.capture.name,
+                             layer.g.rank, limit)
+                    layer.g = layer.g.to_dense()
 
     def _update_inverses(self) -> None:
-        inv_dtype = self.options.inv_dtype
         for layer in self._layers.values():
-            a, g = layer.a.value(), layer.g.value()
-            if a is None or g is None:
+            if layer.a.ema is None or layer.g.updates == 0:
                 continue
-            eig_g = eigh_psd(g, dtype=inv_dtype)
-            eig_a = (a, None) if layer.capture.diagonal_a else eigh_psd(a, dtype=inv_dtype)
-            if eig_g is None or eig_a is None:
+            inv = self._inverse(layer)
+            if inv is None:
                 log.warning("K-FAC layer '%s': eigendecomposition failed in float64; keeping "
                             "the last good inverse", layer.capture.name)
                 continue
-            layer.eig = {"s_a": eig_a[0], "q_a": eig_a[1], "s_g": eig_g[0], "q_g": eig_g[1]}
+            layer.inv, layer.solver = inv, None
+            s_g = inv.get("s_g")
+            layer.diag.update(
+                policy="woodbury" if layer.low_rank else "eig",
+                rank=layer.g.rank if layer.low_rank else layer.capture.out_features,
+                cond_A=_condition(inv["s_a"]),
+                cond_G=None if s_g is None else _condition(s_g, inv.get("s_g_rest", 0.0),
+                                                           layer.capture.out_features),
+            )
+            log.info("K-FAC inverse update step=%d %s", self.steps, _fmt(self._describe(layer)))
+
+    def _inverse(self, layer: _Layer) -> dict[str, Any] | None:
+        opts, cap = self.options, layer.capture
+        kappa = opts.max_condition_number
+        if cap.diagonal_a:
+            s_a, q_a = layer.a.value(), None
+        else:
+            eig_a = eigh_psd(layer.a.value(), dtype=opts.inv_dtype)
+            if eig_a is None:
+                return None
+            s_a, q_a = eig_a
+        s_a, clipped_a = clip_condition(s_a, kappa)
+        layer.diag["clipped_A"] = clipped_a
+        if layer.low_rank and opts.damping_mode == "factored":
+            u = layer.g.factor()
+            gram = u.t() @ u
+            layer.diag["clipped_G"] = 0
+            return {"s_a": s_a, "q_a": q_a, "u": u, "gram": gram, "trace_g": gram.trace()}
+        if layer.low_rank:
+            eig_g = lowrank_eigh(layer.g.factor(), dtype=opts.inv_dtype)
+        else:
+            eig_g = eigh_psd(layer.g.value(), dtype=opts.inv_dtype)
+        if eig_g is None:
+            return None
+        s_g, q_g = eig_g
+        rest = 0.0
+        if q_g.shape[1] < q_g.shape[0] and kappa is not None and s_g.numel():
+            rest = float(s_g.max()) / kappa  # the complement's 0 eigenvalue is clipped too
+        s_g, clipped_g = clip_condition(s_g, kappa)
+        layer.diag["clipped_G"] = clipped_g + (q_g.shape[0] - q_g.shape[1] if rest else 0)
+        return {"s_a": s_a, "q_a": q_a, "s_g": s_g, "q_g": q_g, "s_g_rest": rest}
+
+    def _precondition_layer(self, layer: _Layer, grad: Tensor, damping: float) -> Tensor:
+        inv, cap = layer.inv, layer.capture
+        if "u" not in inv:
+            return precondition_eig(grad, inv["q_g"], inv["s_g"], inv["q_a"], inv["s_a"],
+                                    damping, self.options.damping_mode, inv["s_g_rest"])
+        s_a = inv["s_a"]
+        lam_a, lam_g = factored_damping(s_a.sum(), s_a.numel(), inv["trace_g"],
+                                        cap.out_features, damping)
+        if layer.solver is None or layer.solver[0] != damping:
+            gram = inv["gram"]
+            eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            layer.solver = (damping, robust_cholesky(gram + lam_g * eye))
+            layer.diag["jitter"] = layer.solver[1][2]
+        return precondition_woodbury_factored(grad, inv["u"], layer.solver[1], lam_g, inv["q_a"],
+                                              s_a, lam_a)
 
     def _precondition(self, lr: float | None, damping: float, kl_clip: float | None) -> None:
         results = []
         for layer in self._layers.values():
             cap = layer.capture
-            if layer.eig is None or not cap.has_grad():
+            if layer.inv is None or not cap.has_grad():
                 continue
             grad = cap.grad_matrix()
-            e = layer.eig
-            pre = precondition_eig(grad, e["q_g"], e["s_g"], e["q_a"], e["s_a"], damping,
-                                   self.options.damping_mode)
-            results.append((cap, grad, pre))
+            results.append((cap, grad, self._precondition_layer(layer, grad, damping)))
         if not results:
             return
         scale = None
@@ -373,6 +534,53 @@ class KFACPreconditioner:
             scale = torch.where(vfv > 0, ratio.clamp(max=1.0).sqrt(), torch.ones_like(vfv))
         for cap, _, pre in results:
             cap.set_grad_matrix(pre if scale is None else pre * scale.to(pre.dtype))
+
+    # Diagnostics ---------------------------------------------------------------
+    def _describe(self, layer: _Layer) -> dict[str, Any]:
+        cap, d = layer.capture, layer.diag
+        return {
+            "layer": cap.name, "type": type(cap.module).__name__,
+            "shape": (cap.out_features, cap.in_features),
+            "policy": d.get("policy", "low-rank" if layer.low_rank else "eig"),
+            "T": d.get("T"), "rank": d.get("rank"), "damping": self.options.damping,
+            "damping_mode": self.options.damping_mode, "jitter": d.get("jitter"),
+            "cond_A": d.get("cond_A"), "cond_G": d.get("cond_G"),
+            "clipped_A": d.get("clipped_A", 0), "clipped_G": d.get("clipped_G", 0),
+            "factor_updates": layer.a.updates, "nonfinite_skips": layer.nonfinite_skips,
+        }
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One row per layer, as logged (logger ``kfac_optim``, INFO) at each inverse update.
+
+        Keys: layer, type, shape ``(o, d)``, policy (``eig``/``woodbury``), T (columns added
+        by the last low-rank update), rank (columns of a low-rank G, else o), damping,
+        damping_mode, jitter (Cholesky jitter of the Woodbury system, factored mode),
+        cond_A, cond_G (condition numbers after clipping; inf when singular), clipped_A,
+        clipped_G (eigenvalues raised by ``max_condition_number``), factor_updates,
+        nonfinite_skips. ``pandas.DataFrame(pre.describe())`` makes it a table.
+        """
+        return [self._describe(layer) for layer in self._layers.values()]
+
+    def memory_usage(self) -> dict[str, Any]:
+        """Bytes held per layer and in total.
+
+        Returns:
+            ``{"layers": {name: {"factors", "inverses", "low_rank", "total"}}, "total"}``:
+            ``factors`` = dense A and G, ``low_rank`` = the stacked U of a Woodbury G,
+            ``inverses`` = eigenbases, Grams and cached Cholesky factors.
+        """
+        out, total = {}, 0
+        for name, layer in self._layers.items():
+            dense = _nbytes(layer.a.ema) + (0 if layer.low_rank else _nbytes(layer.g.ema))
+            low = _nbytes(layer.g.cols) if layer.low_rank else 0
+            inv = sum(_nbytes(v) for v in (layer.inv or {}).values())
+            if layer.solver is not None:
+                inv += _nbytes(layer.solver[1][1])
+            row = {"factors": dense, "inverses": inv, "low_rank": low,
+                   "total": dense + inv + low}
+            out[name] = row
+            total += row["total"]
+        return {"layers": out, "total": total}
 
     # State ---------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -398,9 +606,15 @@ class KFACPreconditioner:
         for name, layer in self._layers.items():
             s = saved[name]
             dev = layer.capture.weight.device
+            if s["G_low_rank"] != layer.low_rank:
+                opts = self.options
+                layer.g = (LowRankFactor(opts.woodbury_dtype, opts.woodbury_store_device,
+                                         opts.woodbury_store_threshold_bytes)
+                           if s["G_low_rank"] else RunningFactor(layer.a.storage_dtype))
             layer.a.load_state_dict(_to_device(s["A"], dev))
             layer.g.load_state_dict(_to_device(s["G"], dev))
-            layer.eig = None if s["eig"] is None else _to_device(s["eig"], dev)
+            layer.inv = None if s["inv"] is None else _to_device(s["inv"], dev)
+            layer.solver = None
             layer.nonfinite_skips = int(s.get("nonfinite_skips", 0))
         self.steps = int(state["steps"])
 
@@ -409,10 +623,13 @@ class KFACPreconditioner:
         cap = layer.capture
         d, o = cap.in_features, cap.out_features
         expected_a = (d,) if cap.diagonal_a else (d, d)
-        for key, expected in (("A", expected_a), ("G", (o, o))):
-            ema = s[key]["ema"]
-            if ema is not None and tuple(ema.shape) != expected:
+        g = s["G"].get("ema", s["G"].get("cols"))
+        for key, value, expected in (("A", s["A"]["ema"], expected_a), ("G", g, (o, o))):
+            shape = None if value is None else tuple(value.shape)
+            if key == "G" and s["G_low_rank"] and shape is not None:
+                shape = (shape[0], shape[0])
+            if shape is not None and shape != expected:
                 bias = " (a bias in one and not the other?)" if key == "A" else ""
                 raise RuntimeError(
                     f"K-FAC state for layer '{cap.name}': factor {key} has shape "
-                    f"{tuple(ema.shape)}, the module needs {expected}{bias}; checkpoint mismatch?")
+                    f"{shape}, the module needs {expected}{bias}; checkpoint mismatch?")

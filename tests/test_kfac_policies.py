@@ -1,0 +1,328 @@
+"""Inverse policies (eig / woodbury / auto / hybrid), storage policies, robust numerics.
+
+All policies must give the same preconditioned gradient on the same factors: compared in
+float64 at rtol=1e-7 (solver tolerance), and against dense references built here.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kfac_optim import KFAC, KFACPreconditioner
+from kfac_optim.factors import choose_store_device
+from kfac_optim.inverse import robust_cholesky, woodbury_solve
+from tests.kfac_reference import factors, grad_matrix, kron_exact, linear_rows, probe_layer
+
+TOL = dict(rtol=1e-7, atol=1e-9)
+
+
+class Net(nn.Module):
+    """A wide layer (o=40 > T=8 rows per batch) and a narrow one (o=5 < T)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.Linear(6, 40)
+        self.narrow = nn.Linear(40, 5)
+
+    def forward(self, x):
+        return self.narrow(torch.tanh(self.wide(x)))
+
+
+def _batches(n=4, rows=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, 6, generator=g, dtype=torch.float64),
+             torch.randint(0, 5, (rows,), generator=g)) for _ in range(n)]
+
+
+def _run_policy(policy, damping_mode, batches, **kw):
+    torch.manual_seed(0)
+    model = Net().double()
+    pre = KFACPreconditioner(model, damping=1e-2, damping_mode=damping_mode, factor_decay=0.7,
+                             factor_update_steps=1, inv_update_steps=1, kl_clip=None,
+                             inverse_policy=policy, hybrid_min_out=20, **kw)
+    out = []
+    for x, y in batches:
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        out.append([p.grad.clone() for p in model.parameters()])
+    return out, pre
+
+
+@pytest.mark.parametrize("damping_mode", ["exact", "factored"])
+@pytest.mark.parametrize("policy", ["woodbury", "auto", "hybrid"])
+def test_policies_match_eig_over_several_steps(policy, damping_mode):
+    batches = _batches()
+    ref, _ = _run_policy("eig", damping_mode, batches)
+    got, pre = _run_policy(policy, damping_mode, batches)
+    for step_ref, step_got in zip(ref, got, strict=True):
+        for r, g in zip(step_ref, step_got, strict=True):
+            torch.testing.assert_close(g, r, **TOL)
+    rows = {r["layer"]: r for r in pre.describe()}
+    assert rows["wide"]["policy"] == "woodbury"  # 4 updates x 8 rows = 32 columns <= 40
+    expected_narrow = "woodbury" if policy == "woodbury" else "eig"  # auto: 8 > rho * 5
+    assert rows["narrow"]["policy"] == expected_narrow
+    assert rows["wide"]["rank"] == 32
+
+
+def test_woodbury_solve_matches_explicit_inverse():
+    torch.manual_seed(0)
+    u, v, mu = torch.randn(30, 7, dtype=torch.float64), torch.randn(30, 4, dtype=torch.float64), 0.3
+    gram = u.T @ u + mu * torch.eye(7, dtype=torch.float64)
+    got = woodbury_solve(u, robust_cholesky(gram), v, mu)
+    ref = torch.linalg.solve(u @ u.T + mu * torch.eye(30, dtype=torch.float64), v)
+    torch.testing.assert_close(got, ref, **TOL)
+
+
+def test_singular_gram_cholesky_backoff_matches_pinv():
+    """Duplicate columns make U^T U singular: with no damping the solve falls back on jitter
+    (or the pseudo-inverse) and matches the pseudo-inverse solution for a consistent rhs."""
+    torch.manual_seed(0)
+    u = torch.randn(20, 3, dtype=torch.float64)
+    u = torch.cat([u, u[:, :2]], 1)  # rank 3, 5 columns
+    gram = u.T @ u
+    rhs = u.T @ torch.randn(20, 2, dtype=torch.float64)
+    method, factor, jitter = robust_cholesky(gram)
+    assert method == "pinv" or jitter > 0
+    got = torch.cholesky_solve(rhs, factor) if method == "cholesky" else factor @ rhs
+    ref = torch.linalg.pinv(gram, hermitian=True) @ rhs
+    torch.testing.assert_close(u @ got, u @ ref, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("damping_mode", ["exact", "factored"])
+def test_duplicate_token_batch_does_not_crash_and_matches_eig(damping_mode):
+    x, y = _batches(1)[0]
+    dup = [(torch.cat([x[:4], x[:4]]), torch.cat([y[:4], y[:4]]))]
+    ref, _ = _run_policy("eig", damping_mode, dup)
+    got, _ = _run_policy("woodbury", damping_mode, dup)
+    for r, g in zip(ref[0], got[0], strict=True):
+        torch.testing.assert_close(g, r, **TOL)
+
+
+def test_woodbury_rank_limit_falls_back_to_dense_and_says_so(caplog):
+    batches = _batches()
+    ref, _ = _run_policy("eig", "exact", batches)
+    with caplog.at_level(logging.INFO, logger="kfac_optim"):
+        got, pre = _run_policy("woodbury", "exact", batches, woodbury_max_rank=20)
+    assert any("switching to a dense G" in r.message for r in caplog.records)
+    assert {r["layer"]: r["policy"] for r in pre.describe()}["wide"] == "eig"
+    for r, g in zip(ref[-1], got[-1], strict=True):
+        torch.testing.assert_close(g, r, **TOL)
+
+
+@pytest.mark.parametrize("policy", ["eig", "woodbury"])
+def test_condition_number_clipping_counts_and_matches_reference(policy):
+    torch.manual_seed(0)
+    model = Net().double()
+    x, y = _batches(1)[0]
+    layer = model.wide
+    xi, g = probe_layer(layer, lambda: F.cross_entropy(model(x), y, reduction="sum"))
+    a, gg = factors(*linear_rows(xi, g, True), 8, 8)
+    kappa = 50.0
+
+    def clip(m):
+        s, q = torch.linalg.eigh(m)
+        n = int((s < s.max() / kappa).sum())
+        return q @ torch.diag(s.clamp(min=s.max() / kappa)) @ q.T, n
+
+    (a_c, n_a), (g_c, n_g) = clip(a), clip(gg)
+    pre = KFACPreconditioner(model, damping=1e-3, factor_update_steps=1, inv_update_steps=1,
+                             kl_clip=None, max_condition_number=kappa, inverse_policy=policy)
+    F.cross_entropy(model(x), y).backward()
+    v = grad_matrix(layer.weight, layer.bias)
+    pre.step()
+    row = {r["layer"]: r for r in pre.describe()}["wide"]
+    assert row["clipped_A"] == n_a and n_a > 0
+    assert row["clipped_G"] == n_g
+    assert row["cond_A"] == pytest.approx(kappa, rel=1e-6)
+    torch.testing.assert_close(grad_matrix(layer.weight, layer.bias),
+                               kron_exact(v, a_c, g_c, 1e-3), **TOL)
+
+
+def test_nan_in_factor_keeps_last_good_inverse():
+    torch.manual_seed(0)
+    model = Net().double()
+    opt = KFAC(model, lr=0.1, factor_update_steps=1, inv_update_steps=1)
+    (x, y), (x2, y2) = _batches(2)
+    for xb, yb in ((x, y), (x2, y2)):
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    layer = opt.preconditioner._layers["wide"]
+    good = {k: v.clone() for k, v in layer.inv.items() if isinstance(v, torch.Tensor)}
+    layer.a.ema[0, 0] = float("nan")  # corrupt the stored factor
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+    for k, v in good.items():
+        assert torch.equal(layer.inv[k], v)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_in_gradients_never_reaches_weights():
+    torch.manual_seed(0)
+    model = Net().double()
+    opt = KFAC(model, lr=0.1, factor_update_steps=1, inv_update_steps=1)
+    x, y = _batches(1)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (F.cross_entropy(model(x), y) * float("nan")).backward()
+        opt.step()
+    assert opt.skipped_steps == 1
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+
+
+def _factor_values(pre):
+    return {n: (layer.a.value(), layer.g.value()) for n, layer in pre._layers.items()}
+
+
+def test_grad_scaler_unscales_statistics_and_drops_overflowed_steps():
+    (x1, y1), (x2, y2), (x3, y3) = _batches(3)
+    x1, x2, x3 = x1.float(), x2.float(), x3.float()
+
+    def make():
+        torch.manual_seed(0)
+        return Net()
+
+    ref_model = make()
+    ref = KFAC(ref_model, lr=0.1, factor_update_steps=1, inv_update_steps=1, factor_decay=0.5)
+    for x, y in ((x1, y1), (x3, y3)):
+        ref.zero_grad()
+        F.cross_entropy(ref_model(x), y).backward()
+        ref.step()
+
+    model = make()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    opt = KFAC(model, lr=0.1, factor_update_steps=1, inv_update_steps=1, factor_decay=0.5,
+               grad_scaler=scaler)
+    for x, y, overflow in ((x1, y1, False), (x2, y2, True), (x3, y3, False)):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if overflow:
+            loss = loss * torch.tensor(float("inf"))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert scaler.get_scale() < 2.0**12  # the overflow was seen by the scaler
+    got, want = _factor_values(opt.preconditioner), _factor_values(ref.preconditioner)
+    for name in want:
+        for g, w in zip(got[name], want[name], strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_steps_equals_one_big_batch():
+    x, y = _batches(1, rows=12)[0]
+    torch.manual_seed(0)
+    big = Net().double()
+    torch.manual_seed(0)
+    acc = Net().double()
+    kw = dict(factor_update_steps=1, inv_update_steps=1, kl_clip=None, damping=1e-2)
+    pre_big = KFACPreconditioner(big, **kw)
+    pre_acc = KFACPreconditioner(acc, accumulation_steps=3, **kw)
+    F.cross_entropy(big(x), y).backward()
+    pre_big.step()
+    for i in range(3):
+        (F.cross_entropy(acc(x[4 * i: 4 * i + 4]), y[4 * i: 4 * i + 4]) / 3).backward()
+    pre_acc.step()
+    for name, (a, g) in _factor_values(pre_big).items():
+        a2, g2 = _factor_values(pre_acc)[name]
+        torch.testing.assert_close(a2, a, **TOL)
+        torch.testing.assert_close(g2, g, **TOL)
+    for p, q in zip(big.parameters(), acc.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_factor_storage(dtype):
+    batches = [(x.float(), y) for x, y in _batches(2)]
+
+    def run(**kw):
+        torch.manual_seed(0)
+        model = Net()
+        pre = KFACPreconditioner(model, damping=1e-2, factor_update_steps=1, inv_update_steps=1,
+                                 kl_clip=None, **kw)
+        for x, y in batches:
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            pre.step()
+        return model, pre
+
+    ref_model, _ = run()
+    model, pre = run(factor_dtype=dtype, inverse_policy="hybrid", hybrid_min_out=20,
+                     woodbury_dtype=dtype)
+    layers = pre._layers
+    assert layers["narrow"].a.ema.dtype == dtype and layers["wide"].g.cols.dtype == dtype
+    # half precision keeps ~3 digits of each factor entry: compare in relative norm
+    for p, q in zip(ref_model.parameters(), model.parameters(), strict=True):
+        assert (q.grad - p.grad).norm() <= 5e-2 * p.grad.norm()
+    usage = pre.memory_usage()
+    assert usage["layers"]["wide"]["low_rank"] == 16 * 40 * 2
+    assert usage["total"] == sum(r["total"] for r in usage["layers"].values())
+
+
+def test_store_device_decision():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert choose_store_device(10, gpu, "auto", 100) == gpu
+    assert choose_store_device(1000, gpu, "auto", 100) == cpu
+    assert choose_store_device(10, gpu, "cpu", 100) == cpu
+    assert choose_store_device(1000, gpu, "compute", 100) == gpu
+    assert choose_store_device(1000, cpu, "auto", 100) == cpu
+
+
+def test_resume_with_woodbury_policy_is_exact():
+    batches = _batches(6)
+    kw = dict(lr=0.05, damping=1e-2, factor_update_steps=2, inv_update_steps=2,
+              inverse_policy="auto", damping_mode="factored", factor_decay=0.8)
+
+    def run(model, opt, bs):
+        for x, y in bs:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    m1 = Net().double()
+    init = {k: v.clone() for k, v in m1.state_dict().items()}
+    o1 = KFAC(m1, **kw)
+    run(m1, o1, batches)
+    m2 = Net().double()
+    m2.load_state_dict(init)
+    o2 = KFAC(m2, **kw)
+    run(m2, o2, batches[:3])
+    state = (m2.state_dict(), o2.state_dict())
+    m3 = Net().double()
+    m3.load_state_dict(state[0])
+    o3 = KFAC(m3, **kw)
+    o3.load_state_dict(state[1])
+    run(m3, o3, batches[3:])
+    for p, q in zip(m1.parameters(), m3.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+POLICY_ERRORS = [
+    (dict(woodbury_max_rank=0), ValueError, "woodbury_max_rank"),
+    (dict(auto_rho=0.0), ValueError, "auto_rho"),
+    (dict(auto_t_max=1.5), TypeError, "auto_t_max"),
+    (dict(hybrid_min_out=-1), ValueError, "hybrid_min_out"),
+    (dict(max_condition_number=0.5), ValueError, "max_condition_number"),
+    (dict(woodbury_store_device="gpu"), ValueError, "woodbury_store_device"),
+    (dict(woodbury_dtype=torch.int8), ValueError, "woodbury_dtype"),
+    (dict(accumulation_steps=0), ValueError, "accumulation_steps"),
+    (dict(grad_scaler=3), TypeError, "grad_scaler"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,name", POLICY_ERRORS)
+def test_policy_bad_arguments(kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        KFACPreconditioner(Net(), kl_clip=None, **kwargs)
