@@ -361,8 +361,9 @@ class KFACPreconditioner:
     def _grad_hook(self, layer: _Layer, x: Tensor, ctx: _BatchContext | None, grad: Tensor):
         cap = layer.capture
         opts = self.options
-        dtype = opts.factor_dtype or (torch.float64 if cap.weight.dtype == torch.float64
-                                      else torch.float32)
+        wide = opts.factor_dtype == torch.float64 or (
+            opts.factor_dtype is None and cap.weight.dtype == torch.float64)
+        dtype = torch.float64 if wide else torch.float32  # half storage accumulates in fp32
         rows = cap.input_rows(x)
         mask = None
         if ctx is not None and ctx.mask is not None and ctx.mask.shape == cap.mask_shape(x):
