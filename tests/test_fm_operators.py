@@ -1,0 +1,226 @@
+"""Curvature operator products vs dense float64 references (tests/fm_reference.py).
+
+Tolerances: operator matrices must match the references to 1e-10 relative
+Frobenius error in float64 (both sides are exact up to rounding).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import fisher_metrics as fm
+from fisher_metrics.operators import resolve_parameters
+from tests.fm_reference import (  # noqa: F401
+    DTYPE,
+    GPT2_NAMES,
+    GPT2_PARAMS,
+    Problem,
+    gpt2_problem,
+    mlp,
+    mlp_batches,
+    mlp_problem,
+    relative_error,
+    single_thread,
+)
+
+CURVATURES = ["ggn", "fisher_mc", "empirical_fisher", "hessian"]
+TOL = 1e-10
+
+
+@pytest.mark.parametrize("kind", ["ce", "mse"])
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_mlp_operator_matches_dense(kind, curvature):
+    model, batches, problem = mlp_problem(kind)
+    op = fm.make_operator(model, batches, curvature, mc_samples=2, seed=3)
+    assert op.shape == (53, 53) and op.num_rows == 10 and op.num_batches == 2
+    dense = problem.dense(curvature, op)
+    assert relative_error(op.to_dense(), dense) <= TOL
+    assert op.is_psd == (curvature != "hessian")
+
+
+def test_batches_weighted_by_rows_not_by_batch():
+    model, batches, problem = mlp_problem("ce")
+    joined = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    split = fm.make_operator(model, batches, "ggn").to_dense()
+    whole = fm.make_operator(model, joined, "ggn").to_dense()
+    assert relative_error(split, whole) <= TOL
+    mean_of_means = sum(fm.make_operator(model, b, "ggn").to_dense() for b in batches) / 2
+    assert relative_error(mean_of_means, whole) > 1e-3
+
+
+def test_ignored_labels_are_not_rows():
+    model, batches, _ = mlp_problem("ce")
+    x, y = batches[1]
+    y = y.clone()
+    y[:2] = -100
+    problem = Problem(model, [n for n, _ in model.named_parameters()], [(x, y)], "ce")
+    op = fm.make_operator(model, (x, y), "empirical_fisher")
+    assert op.num_rows == 5
+    assert relative_error(op.to_dense(), problem.empirical_fisher()) <= TOL
+
+
+def test_parameter_subset_by_regex_name_and_tensor():
+    model = mlp()
+    names = ["0.weight", "2.bias"]
+    by_regex = resolve_parameters(model, [r"^0\.w", r"2\.bias"])
+    by_tensor = resolve_parameters(model, [model[2].bias, model[0].weight])
+    assert by_regex == by_tensor == names
+    _, batches, problem = mlp_problem("ce", names)
+    for curvature in ("ggn", "hessian"):
+        op = fm.make_operator(model, batches, curvature, params=[model[0].weight, "2.bias"])
+        assert op.param_names == names and op.shape == (33, 33)
+        assert relative_error(op.to_dense(), problem.dense(curvature)) <= TOL
+
+
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_tiny_gpt2_operator_matches_dense(curvature):
+    model, batch, problem = gpt2_problem(GPT2_NAMES)
+    op = fm.make_operator(model, batch, curvature, params=GPT2_PARAMS, seed=5)
+    assert op.param_names == problem.names and op.shape == (88, 88)
+    assert op.num_rows == 5  # 2 x 3 shifted labels, one of them -100
+    dense = problem.dense(curvature, op)
+    assert relative_error(op.to_dense(), dense) <= TOL
+
+
+def test_gpt2_loss_is_the_models_own_loss():
+    model, batch, problem = gpt2_problem(GPT2_NAMES)
+    op = fm.make_operator(model, batch, "ggn", params=GPT2_PARAMS)
+    with torch.no_grad():
+        own = float(model(**batch).loss)
+    # Hugging Face computes its loss in float32 (logits.float()), hence 1e-6.
+    assert op.mean_loss() == pytest.approx(own, rel=1e-6)
+    assert float(problem.mean_loss(problem.theta)) == pytest.approx(op.mean_loss(), rel=1e-12)
+
+
+def test_gpt2_label_on_masked_position_is_excluded():
+    model, batch, _ = gpt2_problem(GPT2_NAMES)
+    with_label = dict(batch, labels=batch["input_ids"].clone())
+    op = fm.make_operator(model, with_label, "ggn", params=GPT2_PARAMS)
+    assert op.num_rows == 5
+
+
+def test_fisher_mc_is_seeded_and_averages_to_the_ggn():
+    model, batches, problem = mlp_problem("ce")
+    a = fm.make_operator(model, batches, "fisher_mc", seed=7)
+    b = fm.make_operator(model, batches, "fisher_mc", seed=7)
+    assert all(torch.equal(s, t) for s, t in zip(a.sampled_targets, b.sampled_targets, strict=True))
+    many = fm.make_operator(model, batches, "fisher_mc", mc_samples=3000, seed=0).to_dense()
+    # Monte-Carlo error ~ 1/sqrt(R S) = 0.006; 0.05 leaves a wide margin.
+    assert relative_error(many, problem.ggn()) < 0.05
+
+
+def test_float32_model_with_float64_operator_leaves_model_untouched():
+    model = mlp().float().train()
+    batches = [(x.float(), y) for x, y in mlp_batches("ce")]
+    op = fm.make_operator(model, batches, "ggn", dtype=torch.float64)
+    assert op.dtype == torch.float64
+    reference = Problem(mlp(), [n for n, _ in model.named_parameters()], mlp_batches("ce"), "ce")
+    assert relative_error(op.to_dense(), reference.ggn()) < 1e-6  # float32 weights
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.training
+
+
+def test_dropout_is_off_during_products_and_mode_restored():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Dropout(0.5), nn.Linear(5, 3)).to(DTYPE).train()
+    x, y = mlp_batches("ce")[0]
+    op = fm.make_operator(model, (x, y), "hessian")
+    v = torch.randn(op.shape[0], dtype=DTYPE)
+    assert torch.equal(op.matvec(v), op.matvec(v))
+    assert model.training and model[1].training
+
+
+def test_callable_loss_matches_builtin_squared_error():
+    model, batches, _ = mlp_problem("mse")
+
+    def half_squared(out, target):
+        return 0.5 * ((out - target) ** 2).sum(dim=-1)
+
+    for curvature in ("ggn", "empirical_fisher", "hessian"):
+        custom = fm.make_operator(model, batches, curvature, loss_fn=half_squared).to_dense()
+        builtin = fm.make_operator(model, batches, curvature, loss_fn="mse").to_dense()
+        assert relative_error(custom, builtin) <= TOL
+
+
+def test_operator_algebra_helpers():
+    model, batches, _ = mlp_problem("ce")
+    op = fm.make_operator(model, batches, "ggn")
+    V = torch.randn(53, 3, dtype=DTYPE)
+    assert torch.allclose(op @ V, torch.stack([op @ V[:, j] for j in range(3)], 1))
+    pieces = op.unflatten(V[:, 0])
+    assert torch.equal(op.flatten(pieces), V[:, 0])
+    dense = torch.randn(4, 4, dtype=DTYPE)
+    assert torch.equal(fm.as_operator(dense).to_dense(), dense)
+    wrapped = fm.as_operator(lambda v: 2 * v, n=4)
+    assert torch.equal(wrapped.to_dense(), 2 * torch.eye(4, dtype=DTYPE))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _ce_data():
+    return mlp_batches("ce")[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(curvature="fisher"), ValueError, "curvature must be one of"),
+        (dict(curvature=3), TypeError, "curvature must be a string"),
+        (dict(params="nomatch"), ValueError, "matches no parameter"),
+        (dict(params="("), ValueError, "not a valid regex"),
+        (dict(params=3.0), TypeError, "params must be None"),
+        (dict(params=[1]), TypeError, "params entries"),
+        (dict(params=[torch.zeros(2)]), ValueError, "not a parameter of model"),
+        (dict(loss_fn="hinge"), ValueError, "loss_fn must be one of"),
+        (dict(loss_fn=1), TypeError, "loss_fn must be None"),
+        (dict(loss_fn="mse"), TypeError, "loss_fn='mse' needs float targets"),
+        (dict(dtype=torch.float16), ValueError, "dtype must be None or one of"),
+        (dict(dtype="float64"), TypeError, "dtype must be None or one of"),
+        (dict(curvature="fisher_mc", mc_samples=0), ValueError, "mc_samples"),
+        (dict(curvature="fisher_mc", seed=-1), ValueError, "seed"),
+        (dict(shift_labels="yes"), TypeError, "shift_labels"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fm.make_operator(mlp(), _ce_data(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "data, error, match",
+    [
+        (torch.zeros(3, 6), TypeError, "data must be"),
+        ([], ValueError, "empty iterable"),
+        (5, TypeError, "data must be"),
+        ([{"input_ids": torch.zeros(2)}], ValueError, "no tensor 'labels'"),
+        ([(torch.zeros(2, 6, dtype=DTYPE),)], TypeError, "batch 0 of data"),
+        ((torch.zeros(2, 6, dtype=DTYPE), torch.tensor([0, 3])), ValueError, r"\[0, 3\)"),
+        ((torch.zeros(2, 6, dtype=DTYPE), torch.tensor([0, 1, 2])), ValueError, "outputs"),
+        ((torch.zeros(2, 6, dtype=DTYPE), torch.tensor([-100, -100])), ValueError, "no valid"),
+        ((torch.zeros(2, 6, dtype=DTYPE), torch.zeros(2, 4, dtype=DTYPE)), ValueError, "float"),
+    ],
+)
+def test_bad_data(data, error, match):
+    with pytest.raises(error, match=match):
+        fm.make_operator(mlp(), data)
+
+
+def test_bad_model_vectors_and_sizes():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        fm.make_operator(lambda x: x, _ce_data())
+    op = fm.make_operator(mlp(), _ce_data())
+    with pytest.raises(ValueError, match=r"shape \(53,\)"):
+        op.matvec(torch.zeros(52, dtype=DTYPE))
+    with pytest.raises(TypeError, match="floating-point"):
+        op.matvec(torch.zeros(53, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_dim"):
+        op.to_dense(max_dim=10)
+    with pytest.raises(ValueError, match="fisher_mc"):
+        fm.make_operator(mlp(), _ce_data(), "fisher_mc", loss_fn=lambda o, t: o.sum(-1))
+    with pytest.raises(ValueError, match="n .* is required"):
+        fm.as_operator(lambda v: v)
+    with pytest.raises(TypeError, match="operator must be"):
+        fm.as_operator("matrix")
+    with pytest.raises(ValueError, match="square"):
+        fm.as_operator(torch.zeros(2, 3))
