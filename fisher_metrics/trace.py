@@ -1,0 +1,179 @@
+"""Stochastic trace estimation: Hutchinson and Hutch++.
+
+Hutchinson (1989): for probes ``z`` with ``E[z z^T] = I`` (Rademacher or
+standard Gaussian), ``E[z^T A z] = tr(A)``; the estimate is the mean of ``m``
+quadratic forms, with variance ``2 (||A||_F^2 - sum_i A_ii^2) / m`` for
+Rademacher and ``2 ||A||_F^2 / m`` for Gaussian probes (Avron & Toledo 2011).
+
+Hutch++ (Meyer, Musco, Musco & Woodruff 2021, SOSA, Alg. 1): with ``m``
+products, sketch ``Q = orth(A S)`` from ``m/3`` probes, take ``tr(Q^T A Q)``
+exactly and estimate the rest, ``tr((I - QQ^T) A (I - QQ^T))``, by Hutchinson
+with ``m/3`` probes projected off ``Q``. For PSD ``A`` the relative error falls
+as ``O(1/m)`` instead of ``O(1/sqrt(m))``, which pays off when the spectrum is
+dominated by a few large eigenvalues (as curvature spectra are).
+
+Standard errors are the sample standard deviation of the stochastic part over
+``sqrt(#probes)``; confidence intervals use the normal approximation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import torch
+from torch import Tensor
+
+from ._validation import check_choice, check_int, check_seed
+from .operators import LinearOperator, as_operator
+
+DISTRIBUTIONS = ("rademacher", "gaussian")
+
+__all__ = ["DISTRIBUTIONS", "TraceEstimate", "hutch_plus_plus", "hutchinson"]
+
+
+@dataclass
+class TraceEstimate:
+    """A stochastic trace estimate.
+
+    Attributes:
+        estimate: the trace estimate (units of the operator's eigenvalues).
+        std_error: standard error of ``estimate`` (sample std / sqrt(#probes)
+            of the stochastic part).
+        confidence_interval: ``(low, high)`` normal-approximation interval.
+        confidence: its coverage level, e.g. 0.95.
+        num_matvecs: operator products used.
+        samples: ``(#probes,)`` the quadratic forms ``z^T A z`` averaged by the
+            stochastic part (float64).
+        low_rank_trace: ``tr(Q^T A Q)`` for Hutch++, ``None`` for Hutchinson.
+        method: ``"hutchinson"`` or ``"hutch++"``.
+    """
+
+    estimate: float
+    std_error: float
+    confidence_interval: tuple[float, float]
+    confidence: float
+    num_matvecs: int
+    samples: Tensor
+    low_rank_trace: float | None
+    method: str
+
+
+def _probes(n: int, count: int, distribution: str, generator: torch.Generator) -> Tensor:
+    if distribution == "rademacher":
+        signs = torch.randint(0, 2, (n, count), generator=generator, dtype=torch.int64)
+        return (2.0 * signs - 1.0).to(torch.float64)
+    return torch.randn(n, count, generator=generator, dtype=torch.float64)
+
+
+def _confidence(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number in (0, 1); got {value!r}")
+    return float(value)
+
+
+def _finish(
+    base: float, samples: Tensor, confidence: float, num_matvecs: int, low: float | None, method
+) -> TraceEstimate:
+    estimate = base + float(samples.mean())
+    std_error = float(samples.std(unbiased=True)) / math.sqrt(samples.numel())
+    half = NormalDist().inv_cdf(0.5 + confidence / 2) * std_error
+    return TraceEstimate(
+        estimate=estimate,
+        std_error=std_error,
+        confidence_interval=(estimate - half, estimate + half),
+        confidence=confidence,
+        num_matvecs=num_matvecs,
+        samples=samples,
+        low_rank_trace=low,
+        method=method,
+    )
+
+
+def _quadratic_forms(op: LinearOperator, Z: Tensor) -> Tensor:
+    Z = Z.to(op.device, op.dtype)
+    return (Z * op.matmat(Z)).sum(dim=0).to("cpu", torch.float64)
+
+
+def hutchinson(
+    operator: LinearOperator | Tensor | Callable[[Tensor], Tensor],
+    *,
+    num_samples: int = 100,
+    distribution: str = "rademacher",
+    seed: int = 0,
+    confidence: float = 0.95,
+    n: int | None = None,
+) -> TraceEstimate:
+    """Hutchinson's estimate ``tr(A) ~ (1/m) sum_j z_j^T A z_j``.
+
+    Args:
+        operator: a :class:`~fisher_metrics.operators.LinearOperator`, an
+            ``(n, n)`` tensor, or a callable matvec (give ``n``).
+        num_samples: ``m >= 2`` probes (one product each).
+        distribution: ``"rademacher"`` (default; lower variance) or ``"gaussian"``.
+        seed: seed of the CPU generator drawing the probes.
+        confidence: coverage of the normal-approximation interval, in (0, 1).
+        n: vector length, required for a callable.
+
+    Returns:
+        A :class:`TraceEstimate` with ``num_matvecs = m``.
+
+    Raises:
+        TypeError / ValueError: bad ``operator``, ``num_samples < 2``, unknown
+            ``distribution``, ``confidence`` outside (0, 1), negative ``seed``.
+    """
+    op = as_operator(operator, n=n)
+    num_samples = check_int("num_samples", num_samples, minimum=2)
+    distribution = check_choice("distribution", distribution, DISTRIBUTIONS)
+    confidence = _confidence("confidence", confidence)
+    generator = torch.Generator().manual_seed(check_seed("seed", seed))
+    Z = _probes(op.shape[0], num_samples, distribution, generator)
+    samples = _quadratic_forms(op, Z)
+    return _finish(0.0, samples, confidence, num_samples, None, "hutchinson")
+
+
+def hutch_plus_plus(
+    operator: LinearOperator | Tensor | Callable[[Tensor], Tensor],
+    *,
+    num_matvecs: int = 102,
+    distribution: str = "rademacher",
+    seed: int = 0,
+    confidence: float = 0.95,
+    n: int | None = None,
+) -> TraceEstimate:
+    """Hutch++ estimate ``tr(Q^T A Q) + (3/m) tr(G^T (I - QQ^T) A (I - QQ^T) G)``.
+
+    ``Q = orth(A S)``; ``S`` and ``G`` are ``n x (m/3)`` probe matrices
+    (Meyer et al. 2021, Alg. 1). The standard error covers the stochastic
+    (residual) part only; the low-rank part is exact given ``Q``.
+
+    Args:
+        operator: see :func:`hutchinson`.
+        num_matvecs: product budget ``m >= 6``; ``3 * (m // 3)`` are used.
+        distribution: ``"rademacher"`` or ``"gaussian"`` probes for ``S`` and ``G``.
+        seed: seed of the CPU generator drawing ``S`` and ``G``.
+        confidence: coverage of the normal-approximation interval, in (0, 1).
+        n: vector length, required for a callable.
+
+    Returns:
+        A :class:`TraceEstimate`; ``low_rank_trace`` holds ``tr(Q^T A Q)``.
+
+    Raises:
+        TypeError / ValueError: as for :func:`hutchinson`, and ``num_matvecs < 6``.
+    """
+    op = as_operator(operator, n=n)
+    num_matvecs = check_int("num_matvecs", num_matvecs, minimum=6)
+    distribution = check_choice("distribution", distribution, DISTRIBUTIONS)
+    confidence = _confidence("confidence", confidence)
+    generator = torch.Generator().manual_seed(check_seed("seed", seed))
+    size, third = op.shape[0], num_matvecs // 3
+    S = _probes(size, third, distribution, generator)
+    G = _probes(size, third, distribution, generator)
+    Y = op.matmat(S.to(op.device, op.dtype)).to("cpu", torch.float64)
+    Q = torch.linalg.qr(Y, mode="reduced").Q
+    low = float(_quadratic_forms(op, Q).sum())
+    residual = G - Q @ (Q.T @ G)
+    samples = _quadratic_forms(op, residual)
+    return _finish(low, samples, confidence, 3 * third, low, "hutch++")
