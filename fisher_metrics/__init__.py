@@ -1,0 +1,75 @@
+"""fisher_metrics: matrix-free curvature spectra and capacity metrics for PyTorch models.
+
+Public API:
+
+- :func:`top_eigenvalues`: extreme eigenvalues of the GGN / Fisher / empirical
+  Fisher / Hessian of the mean loss, with capacity metrics.
+- :mod:`~fisher_metrics.operators`: curvature operators (``GGNOperator``,
+  ``FisherMCOperator``, ``EmpiricalFisherOperator``, ``HessianOperator``) and
+  ``make_operator``.
+- :mod:`~fisher_metrics.lanczos`: ``lanczos`` (full / periodic
+  reorthogonalization) and ``slq`` spectral densities.
+- :mod:`~fisher_metrics.trace`: ``hutchinson`` and ``hutch_plus_plus``.
+- :mod:`~fisher_metrics.capacity`: trace, effective rank, condition number,
+  spectral gap / range, PAC-Bayes flatness.
+
+This package never imports ``kfac_optim``.
+"""
+
+from .capacity import (
+    capacity_metrics,
+    condition_number,
+    effective_rank,
+    pac_bayes_flatness,
+    spectral_gap,
+    spectral_range,
+    spectral_trace,
+)
+from .eigenvalues import top_eigenvalues
+from .lanczos import LanczosResult, SpectralDensity, gaussian_density, lanczos, slq
+from .operators import (
+    CURVATURES,
+    CallableOperator,
+    CurvatureOperator,
+    DenseOperator,
+    EmpiricalFisherOperator,
+    FisherMCOperator,
+    GGNOperator,
+    HessianOperator,
+    LinearOperator,
+    as_operator,
+    make_operator,
+    resolve_parameters,
+)
+from .trace import TraceEstimate, hutch_plus_plus, hutchinson
+
+__all__ = [
+    "CURVATURES",
+    "CallableOperator",
+    "CurvatureOperator",
+    "DenseOperator",
+    "EmpiricalFisherOperator",
+    "FisherMCOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "LanczosResult",
+    "LinearOperator",
+    "SpectralDensity",
+    "TraceEstimate",
+    "as_operator",
+    "capacity_metrics",
+    "condition_number",
+    "effective_rank",
+    "gaussian_density",
+    "hutch_plus_plus",
+    "hutchinson",
+    "lanczos",
+    "make_operator",
+    "pac_bayes_flatness",
+    "resolve_parameters",
+    "slq",
+    "spectral_gap",
+    "spectral_range",
+    "spectral_trace",
+    "top_eigenvalues",
+]
