@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "KFAC_APPROXIMATIONS", "input_statistics", "embedding_input_statistics", "output_grad_rows",
-    "RunningFactor", "LowRankFactor",
+    "KFAC_APPROXIMATIONS", "input_rows", "eigenbasis_second_moments",
+    "embedding_input_statistics", "output_grad_rows", "RunningFactor", "LowRankFactor",
 ]
 
 KFAC_APPROXIMATIONS = ("expand", "reduce")
@@ -45,7 +45,7 @@ def _with_bias_column(rows: Tensor) -> Tensor:
     return torch.cat([rows, rows.new_ones(rows.shape[:-1] + (1,))], dim=-1)
 
 
-def input_statistics(
+def input_rows(
     rows: Tensor,
     mask: Tensor | None,
     *,
@@ -53,17 +53,20 @@ def input_statistics(
     approx: str,
     dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    """Sum of input outer products and row count for one forward call.
+    """Rows ``a`` of one forward call, masked, with the bias column: ``sum a a^T`` is
+    this call's contribution to ``T A``.
 
     Args:
         rows: ``(B, R, d_in)`` layer inputs.
         mask: ``(B, R)`` 1 for valid rows, 0 for padding, or None (all valid).
         has_bias: append a column of ones (the bias input).
-        approx: ``"expand"`` or ``"reduce"`` (see module docstring).
+        approx: ``"expand"`` (one row per position) or ``"reduce"`` (one row per sample:
+            the mean over its valid positions).
         dtype: accumulation dtype.
 
     Returns:
-        ``(sum a a^T, T)``: ``(d, d)`` with ``d = d_in + has_bias``, and a 0-dim count.
+        ``(a, T)``: ``(rows, d)`` with ``d = d_in + has_bias`` (padding rows are zero),
+        and the 0-dim count of valid rows.
     """
     rows = rows.to(dtype)
     if has_bias:
@@ -72,11 +75,8 @@ def input_statistics(
     if approx == "reduce":
         per_sample = m.sum(1)
         rows = (rows * m.unsqueeze(-1)).sum(1) / per_sample.clamp(min=1).unsqueeze(-1)
-        count = (per_sample > 0).to(dtype).sum()
-    else:
-        rows = (rows * m.unsqueeze(-1)).reshape(-1, rows.shape[-1])
-        count = m.sum()
-    return rows.t() @ rows, count
+        return rows, (per_sample > 0).to(dtype).sum()
+    return (rows * m.unsqueeze(-1)).reshape(-1, rows.shape[-1]), m.sum()
 
 
 def embedding_input_statistics(
@@ -120,6 +120,33 @@ def output_grad_rows(
     if mask is not None:
         grads = grads * mask.to(dtype).unsqueeze(-1)
     return grads.sum(1) if approx == "reduce" else grads.reshape(-1, grads.shape[-1])
+
+
+def eigenbasis_second_moments(
+    a: Tensor, g: Tensor, q_a: Tensor | None, q_g: Tensor, num_embeddings: int = 0
+) -> Tensor:
+    """EKFAC statistics (George et al. 2018, Eq. 10): sum over rows of the squared
+    per-row gradient ``g_t a_t^T`` in the Kronecker eigenbasis.
+
+    ``S = sum_t (Q_G^T g_t)^2 ((Q_A^T a_t)^2)^T``; divided by N it replaces the K-FAC
+    eigenvalues ``s_G s_A^T``.
+
+    Args:
+        a: ``(rows, d)`` input rows (bias column included, padding rows zero), or for a
+            diagonal A (Embedding, ``q_a`` None, one-hot rows) the ``(rows,)`` token ids.
+        g: ``(rows, o)`` output-gradient rows of the summed loss (padding rows zero).
+        q_a: ``(d, d)`` eigenvectors of A, or None for a diagonal A.
+        q_g: ``(o, o)`` eigenvectors of G.
+        num_embeddings: ``d`` when ``q_a`` is None.
+
+    Returns:
+        ``(o, d)``.
+    """
+    pg = (g @ q_g) ** 2
+    if q_a is None:
+        out = torch.zeros(num_embeddings, pg.shape[1], dtype=pg.dtype, device=pg.device)
+        return out.index_add_(0, a, pg).t()
+    return pg.t() @ (a @ q_a) ** 2
 
 
 def _compute(t: Tensor) -> Tensor:

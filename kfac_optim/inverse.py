@@ -127,6 +127,7 @@ def precondition_eig(
     damping: float,
     damping_mode: str = "exact",
     s_g_rest: float | Tensor = 0.0,
+    eigenvalues: Tensor | None = None,
 ) -> Tensor:
     """Precondition one layer's gradient with eigendecomposed Kronecker factors.
 
@@ -139,6 +140,8 @@ def precondition_eig(
         damping: ``lambda`` >= 0.
         damping_mode: ``"exact"`` or ``"factored"`` (module docstring formulas).
         s_g_rest: G's eigenvalue on the complement of ``q_g`` (0 for ``U U^T``).
+        eigenvalues: ``(o, d)`` corrected eigenvalues replacing ``s_g s_a^T`` (EKFAC,
+            George et al. 2018; exact damping, full ``q_g``).
 
     Returns:
         ``(o, d)`` preconditioned gradient, in ``grad``'s dtype.
@@ -152,7 +155,12 @@ def precondition_eig(
     if q_a is not None:
         va = va @ q_a
     proj = q_g.t() @ va
-    if damping_mode == "exact":
+    if eigenvalues is not None:
+        if damping_mode != "exact" or q_g.shape[1] < o:
+            raise ValueError("eigenvalues (EKFAC) need damping_mode='exact' and a full q_g")
+        denom = eigenvalues.to(dtype) + damping
+        rest = damping
+    elif damping_mode == "exact":
         denom = torch.outer(s_g, s_a) + damping
         rest = s_a * s_g_rest + damping
     elif damping_mode == "factored":

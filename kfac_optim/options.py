@@ -85,6 +85,7 @@ class KFACOptions:
     woodbury_store_device: str = "auto"
     woodbury_store_threshold_bytes: int = 500 * 2**20
     accumulation_steps: int = 1
+    eigenvalue_correction: bool = False
     grad_scaler: Any = None
 
     def __post_init__(self) -> None:
@@ -114,6 +115,12 @@ class KFACOptions:
                 not _is_real(self.max_condition_number) or self.max_condition_number < 1):
             raise ValueError("max_condition_number must be None or a real number >= 1, got "
                              f"{self.max_condition_number!r}")
+        if not isinstance(self.eigenvalue_correction, bool):
+            raise TypeError("eigenvalue_correction must be a bool, got "
+                            f"{self.eigenvalue_correction!r}")
+        if self.eigenvalue_correction and self.damping_mode != "exact":
+            raise ValueError("eigenvalue_correction=True (EKFAC) needs damping_mode='exact' "
+                             f"(got damping_mode={self.damping_mode!r})")
         if self.grad_scaler is not None and not hasattr(self.grad_scaler, "get_scale"):
             raise TypeError("grad_scaler must be a torch.amp.GradScaler (or None), got "
                             f"{type(self.grad_scaler).__name__}")

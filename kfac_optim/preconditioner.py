@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from .factors import (
     LowRankFactor,
     RunningFactor,
+    eigenbasis_second_moments,
     embedding_input_statistics,
-    input_statistics,
+    input_rows,
     output_grad_rows,
 )
 from .inverse import (
@@ -80,6 +81,13 @@ class _Layer:
             self.g = RunningFactor(self.a.storage_dtype)
         self.inv: dict[str, Any] | None = None
         self.solver: tuple | None = None  # cached Cholesky of the Woodbury system
+        # EKFAC: rows of the capture step, turned into second moments in the eigenbasis
+        # once step() has updated the basis; EMA reset whenever the basis changes.
+        ekfac = opts.eigenvalue_correction and not self.low_rank
+        self.ekfac_rows: list | None = [] if ekfac else None
+        self.ekfac: RunningFactor | None = RunningFactor() if ekfac else None
+        self.basis = 0  # number of inverse updates so far: identifies the eigenbasis
+        self.ekfac_basis = -1
         self.nonfinite_skips = 0
         self.warned = False
         self.diag: dict[str, Any] = {}
@@ -94,6 +102,9 @@ class _Layer:
             "G": self.g.state_dict(),
             "G_low_rank": self.low_rank,
             "inv": None if self.inv is None else dict(self.inv),
+            "ekfac": None if self.ekfac is None else self.ekfac.state_dict(),
+            "basis": self.basis,
+            "ekfac_basis": self.ekfac_basis,
             "nonfinite_skips": self.nonfinite_skips,
         }
 
@@ -369,13 +380,14 @@ class KFACPreconditioner:
         if ctx is not None and ctx.mask is not None and ctx.mask.shape == cap.mask_shape(x):
             mask = ctx.mask.reshape(rows.shape[:2])
         if cap.diagonal_a:
+            a_rows = rows.reshape(-1)  # token ids
             a_sum, t = embedding_input_statistics(rows, mask, num_embeddings=cap.in_features,
                                                   dtype=dtype)
             approx = "expand"
         else:
             approx = opts.kfac_approx
-            a_sum, t = input_statistics(rows, mask, has_bias=cap.has_bias, approx=approx,
-                                        dtype=dtype)
+            a_rows, t = input_rows(rows, mask, has_bias=cap.has_bias, approx=approx, dtype=dtype)
+            a_sum = a_rows.t() @ a_rows
         n = t if ctx is None or ctx.num_loss_rows is None else ctx.num_loss_rows
         scale = n if opts.loss_reduction == "mean" else 1.0
         if opts.accumulation_steps > 1:
@@ -384,13 +396,15 @@ class KFACPreconditioner:
             scale = scale / ctx.grad_scale
         g_rows = output_grad_rows(cap.output_grad_rows(grad), mask, scale=scale, approx=approx,
                                   dtype=dtype)
-        if layer.low_rank and mask is not None and approx == "expand":
-            g_rows = g_rows[mask.reshape(-1).bool()]  # padding rows are zero columns of U
-        layer.a.add_sum(a_sum, t)
         first = ctx is None or id(layer) not in ctx.counted
-        layer.g.add(g_rows, n if first else 0.0)
         if ctx is not None:
             ctx.counted.add(id(layer))
+        layer.a.add_sum(a_sum, t)
+        if layer.ekfac_rows is not None:
+            layer.ekfac_rows.append((a_rows, g_rows))
+        if layer.low_rank and mask is not None and approx == "expand":
+            g_rows = g_rows[mask.reshape(-1).bool()]  # padding rows are zero columns of U
+        layer.g.add(g_rows, n if first else 0.0)
 
     # Step ---------------------------------------------------------------------
     @torch.no_grad()
@@ -413,21 +427,26 @@ class KFACPreconditioner:
         lr = opts.lr if lr is None else check_nonneg("lr", lr)
         if kl_clip is not None and lr is None:
             raise ValueError("kl_clip needs lr: pass step(lr=...) or lr= at construction")
-        self._update_factors()
+        counts = self._update_factors()
         if self.steps % opts.inv_update_steps == 0:
             self._update_inverses()
+        self._update_eigenvalue_corrections(counts)
         self._precondition(lr, damping, kl_clip)
         self.steps += 1
 
-    def _update_factors(self) -> None:
-        updates = []
-        for layer in self._layers.values():
+    def _update_factors(self) -> dict[str, Tensor]:
+        """Fold pending statistics into the running factors; returns each updated layer's
+        loss-term count N (EKFAC normalises with it)."""
+        updates, counts = [], {}
+        for name, layer in self._layers.items():
+            if layer.g.pending:
+                counts[name] = layer.g.pending_count
             a, g = layer.a.take_batch(), layer.g.take_batch()
             if a is not None and g is not None:
                 updates.append((layer, a, g))
         self._pending_scale = None
         if not updates:
-            return
+            return counts
         finite = torch.stack([torch.isfinite(a).all() & torch.isfinite(g).all()
                               for _, a, g in updates]).tolist()
         decay = self.options.factor_decay
@@ -449,6 +468,25 @@ class KFACPreconditioner:
                              "to a dense G and the eig policy", layer.capture.name,
                              layer.g.rank, limit)
                     layer.g = layer.g.to_dense()
+        return counts
+
+    def _update_eigenvalue_corrections(self, counts: dict[str, Tensor]) -> None:
+        for name, layer in self._layers.items():
+            if not layer.ekfac_rows:
+                continue
+            rows, layer.ekfac_rows = layer.ekfac_rows, []
+            inv = layer.inv
+            if inv is None or "q_g" not in inv or inv["q_g"].shape[1] < inv["q_g"].shape[0]:
+                continue  # no full eigenbasis yet (or a thin Woodbury one): K-FAC eigenvalues
+            batch = sum(eigenbasis_second_moments(a, g, inv["q_a"], inv["q_g"],
+                                                  layer.capture.in_features) for a, g in rows)
+            batch = batch / counts[name].clamp(min=1)
+            if not bool(torch.isfinite(batch).all()):
+                continue
+            if layer.ekfac_basis != layer.basis:
+                layer.ekfac = RunningFactor()  # moments of another basis do not carry over
+                layer.ekfac_basis = layer.basis
+            layer.ekfac.update(batch, self.options.factor_decay)
 
     def _update_inverses(self) -> None:
         for layer in self._layers.values():
@@ -460,6 +498,7 @@ class KFACPreconditioner:
                             "the last good inverse", layer.capture.name)
                 continue
             layer.inv, layer.solver = inv, None
+            layer.basis += 1
             s_g = inv.get("s_g")
             layer.diag.update(
                 policy="woodbury" if layer.low_rank else "eig",
@@ -504,8 +543,10 @@ class KFACPreconditioner:
     def _precondition_layer(self, layer: _Layer, grad: Tensor, damping: float) -> Tensor:
         inv, cap = layer.inv, layer.capture
         if "u" not in inv:
+            corrected = None if layer.ekfac is None else layer.ekfac.value()
             return precondition_eig(grad, inv["q_g"], inv["s_g"], inv["q_a"], inv["s_a"],
-                                    damping, self.options.damping_mode, inv["s_g_rest"])
+                                    damping, self.options.damping_mode, inv["s_g_rest"],
+                                    eigenvalues=corrected)
         s_a = inv["s_a"]
         lam_a, lam_g = factored_damping(s_a.sum(), s_a.numel(), inv["trace_g"],
                                         cap.out_features, damping)
@@ -616,6 +657,9 @@ class KFACPreconditioner:
             layer.g.load_state_dict(_to_device(s["G"], dev))
             layer.inv = None if s["inv"] is None else _to_device(s["inv"], dev)
             layer.solver = None
+            layer.basis, layer.ekfac_basis = int(s["basis"]), int(s["ekfac_basis"])
+            if layer.ekfac is not None and s["ekfac"] is not None:
+                layer.ekfac.load_state_dict(_to_device(s["ekfac"], dev))
             layer.nonfinite_skips = int(s.get("nonfinite_skips", 0))
         self.steps = int(state["steps"])
 

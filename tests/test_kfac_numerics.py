@@ -26,9 +26,16 @@ from tests.kfac_reference import (
     probe_layer,
 )
 
-torch.set_default_dtype(torch.float64)
 DAMPING = 3e-2
 TOL = dict(rtol=1e-7, atol=1e-9)
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 @dataclass

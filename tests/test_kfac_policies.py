@@ -326,3 +326,60 @@ POLICY_ERRORS = [
 def test_policy_bad_arguments(kwargs, exc, name):
     with pytest.raises(exc, match=name):
         KFACPreconditioner(Net(), kl_clip=None, **kwargs)
+
+
+def test_ekfac_eigenvalue_correction_matches_reference():
+    """EKFAC (George et al. 2018): S = (1/N) sum_t (Q_G^T g_t)^2 ((Q_A^T a_t)^2)^T replaces
+    s_G s_A^T. Step 0 sets the basis from batch 0; step 1 (no inverse update) adds batch 1's
+    moments in that basis to the bias-corrected EMA."""
+    torch.manual_seed(0)
+    model = Net().double()
+    batches = _batches(2)
+    decay, damping = 0.5, 1e-2
+    layer = model.wide
+    per_batch = []
+    for x, y in batches:
+        xi, g = probe_layer(layer, lambda x=x, y=y: F.cross_entropy(model(x), y, reduction="sum"))
+        per_batch.append(linear_rows(xi, g, True))
+    a0, g0 = factors(*per_batch[0], 8, 8)
+    s_a, q_a = torch.linalg.eigh(a0)
+    s_g, q_g = torch.linalg.eigh(g0)
+    moments = [((gr @ q_g) ** 2).T @ (ar @ q_a) ** 2 / 8 for ar, gr in per_batch]
+    s_star = (decay * (1 - decay) * moments[0] + (1 - decay) * moments[1]) / (1 - decay**2)
+    pre = KFACPreconditioner(model, damping=damping, factor_decay=decay, factor_update_steps=1,
+                             inv_update_steps=2, kl_clip=None, eigenvalue_correction=True)
+    for i, (x, y) in enumerate(batches):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        v = grad_matrix(layer.weight, layer.bias)
+        pre.step()
+        s = moments[0] if i == 0 else s_star
+        ref = q_g @ ((q_g.T @ v @ q_a) / (s + damping)) @ q_a.T
+        torch.testing.assert_close(grad_matrix(layer.weight, layer.bias), ref, **TOL)
+
+
+def test_ekfac_embedding_and_error():
+    torch.manual_seed(0)
+    emb = nn.Embedding(7, 4).double()
+    model = nn.Sequential(emb, nn.Tanh(), nn.Linear(4, 3).double())
+    ids, y = torch.randint(0, 7, (3, 4)), torch.randint(0, 3, (3, 4))
+
+    def loss(reduction):
+        return F.cross_entropy(model(ids).reshape(-1, 3), y.reshape(-1), reduction=reduction)
+
+    xi, g = probe_layer(emb, lambda: loss("sum"))
+    onehot = F.one_hot(xi.reshape(-1), 7).double()
+    g = g.reshape(-1, 4)
+    a, gg = factors(onehot, g, 12, 12)
+    s_g, q_g = torch.linalg.eigh(gg)
+    s = ((g @ q_g) ** 2).T @ onehot / 12  # Q_A = I for the diagonal A
+    pre = KFACPreconditioner(model, damping=1e-2, factor_update_steps=1, inv_update_steps=1,
+                             kl_clip=None, eigenvalue_correction=True)
+    loss("mean").backward()
+    v = emb.weight.grad.T.clone()
+    pre.step()
+    ref = q_g @ ((q_g.T @ v) / (s + 1e-2))
+    torch.testing.assert_close(emb.weight.grad.T, ref, **TOL)
+    with pytest.raises(ValueError, match="eigenvalue_correction"):
+        KFACPreconditioner(model, kl_clip=None, eigenvalue_correction=True,
+                           damping_mode="factored")
