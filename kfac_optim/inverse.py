@@ -41,22 +41,25 @@ DAMPING_MODES = ("exact", "factored")
 log = logging.getLogger("kfac_optim")
 
 
-def eigh_psd(matrix: Tensor, *, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor] | None:
+def eigh_psd(matrix: Tensor, *, dtype: torch.dtype | None = None,
+             device: torch.device | None = None) -> tuple[Tensor, Tensor] | None:
     """Eigendecomposition of a symmetric PSD factor, robust to solver failure.
 
-    Solves in ``dtype`` (default: the matrix's), retries in float64 if that fails or
-    gives non-finite values, and clamps the tiny negative eigenvalues round-off
-    produces to 0.
+    Solves in ``dtype`` (default: the matrix's) on ``device`` (default: the matrix's),
+    retries in float64 if that fails or gives non-finite values, and clamps the tiny
+    negative eigenvalues round-off produces to 0.
 
     Args:
         matrix: ``(n, n)`` symmetric.
         dtype: solver dtype; results are returned in ``matrix.dtype``.
+        device: solver device; results are returned on ``matrix.device``.
 
     Returns:
         ``(s, Q)``: eigenvalues ``(n,)`` ascending and eigenvectors ``(n, n)``, or None
         when the solver fails in float64 too (the caller keeps its last good result).
     """
-    out_dtype = matrix.dtype
+    out_dtype, out_device = matrix.dtype, matrix.device
+    matrix = matrix.to(device or out_device)
     tries = [dtype or out_dtype]
     if tries[0] != torch.float64:
         tries.append(torch.float64)
@@ -67,7 +70,7 @@ def eigh_psd(matrix: Tensor, *, dtype: torch.dtype | None = None) -> tuple[Tenso
             log.warning("eigh failed in %s: %s", solve_dtype, err)
             continue
         if bool(torch.isfinite(s).all()) and bool(torch.isfinite(q).all()):
-            return s.clamp(min=0).to(out_dtype), q.to(out_dtype)
+            return s.clamp(min=0).to(out_device, out_dtype), q.to(out_device, out_dtype)
     return None
 
 
@@ -87,19 +90,20 @@ def factored_damping(
     return pi * root, root / pi
 
 
-def lowrank_eigh(u: Tensor, *, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor] | None:
+def lowrank_eigh(u: Tensor, *, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> tuple[Tensor, Tensor] | None:
     """Nonzero eigenpairs of ``G = U U^T`` from the Gram ``U^T U``.
 
     Args:
         u: ``(o, k)``.
-        dtype: solver dtype (float64 retried on failure, as in ``eigh_psd``).
+        dtype, device: solver dtype and device, as in ``eigh_psd``.
 
     Returns:
         ``(s, Q)``: ``(r,)`` eigenvalues and ``(o, r)`` orthonormal eigenvectors, ``r <= k``
         (eigenvalues below ``k * eps * max(s)`` are dropped: they belong to the null space
         a duplicate or zero column creates), or None if the solver fails.
     """
-    eig = eigh_psd(u.t() @ u, dtype=dtype)
+    eig = eigh_psd(u.t() @ u, dtype=dtype, device=device)
     if eig is None:
         return None
     s, w = eig

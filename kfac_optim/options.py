@@ -86,6 +86,7 @@ class KFACOptions:
     woodbury_store_threshold_bytes: int = 500 * 2**20
     accumulation_steps: int = 1
     eigenvalue_correction: bool = False
+    inv_device: Any = "auto"
     grad_scaler: Any = None
 
     def __post_init__(self) -> None:
@@ -115,6 +116,7 @@ class KFACOptions:
                 not _is_real(self.max_condition_number) or self.max_condition_number < 1):
             raise ValueError("max_condition_number must be None or a real number >= 1, got "
                              f"{self.max_condition_number!r}")
+        self.inv_device = self._check_inv_device(self.inv_device)
         if not isinstance(self.eigenvalue_correction, bool):
             raise TypeError("eigenvalue_correction must be a bool, got "
                             f"{self.eigenvalue_correction!r}")
@@ -125,6 +127,17 @@ class KFACOptions:
             raise TypeError("grad_scaler must be a torch.amp.GradScaler (or None), got "
                             f"{type(self.grad_scaler).__name__}")
         self.skip_layers = self._check_skip_layers(self.skip_layers)
+
+    @staticmethod
+    def _check_inv_device(device: Any) -> torch.device | None:
+        """``"auto"`` (the layer's device) -> None; else a ``torch.device``."""
+        if device == "auto":
+            return None
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"inv_device={device!r} is not accepted; accepted: 'auto', 'cpu', "
+                             "a CUDA device such as 'cuda:0', or a torch.device") from None
 
     @staticmethod
     def _check_skip_layers(skip: Any) -> tuple:

@@ -207,6 +207,11 @@ class KFACPreconditioner:
             layers), float32, float64, or bfloat16/float16 (accumulated in float32).
         inv_dtype: eigensolver dtype (None: the factor dtype; float64 is retried on
             failure in any case).
+        inv_device: eigensolver device: ``"auto"`` (the layer's), ``"cpu"`` or a CUDA
+            device; results come back to the layer's device.
+        eigenvalue_correction: EKFAC (George et al. 2018): running second moments of the
+            per-row gradients in the Kronecker eigenbasis replace ``s_G s_A^T`` (exact
+            damping; layers with a dense G).
 
     Padding and the loss count N: for each forward call of ``model`` the
     preconditioner reads ``attention_mask`` (else ``labels != -100``) from the call's
@@ -515,7 +520,7 @@ class KFACPreconditioner:
         if cap.diagonal_a:
             s_a, q_a = layer.a.value(), None
         else:
-            eig_a = eigh_psd(layer.a.value(), dtype=opts.inv_dtype)
+            eig_a = eigh_psd(layer.a.value(), dtype=opts.inv_dtype, device=opts.inv_device)
             if eig_a is None:
                 return None
             s_a, q_a = eig_a
@@ -527,9 +532,9 @@ class KFACPreconditioner:
             layer.diag["clipped_G"] = 0
             return {"s_a": s_a, "q_a": q_a, "u": u, "gram": gram, "trace_g": gram.trace()}
         if layer.low_rank:
-            eig_g = lowrank_eigh(layer.g.factor(), dtype=opts.inv_dtype)
+            eig_g = lowrank_eigh(layer.g.factor(), dtype=opts.inv_dtype, device=opts.inv_device)
         else:
-            eig_g = eigh_psd(layer.g.value(), dtype=opts.inv_dtype)
+            eig_g = eigh_psd(layer.g.value(), dtype=opts.inv_dtype, device=opts.inv_device)
         if eig_g is None:
             return None
         s_g, q_g = eig_g

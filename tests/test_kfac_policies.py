@@ -383,3 +383,13 @@ def test_ekfac_embedding_and_error():
     with pytest.raises(ValueError, match="eigenvalue_correction"):
         KFACPreconditioner(model, kl_clip=None, eigenvalue_correction=True,
                            damping_mode="factored")
+
+
+def test_inv_device_cpu_matches_auto_and_rejects_garbage():
+    batches = _batches(2)
+    ref, _ = _run_policy("eig", "exact", batches)
+    got, _ = _run_policy("eig", "exact", batches, inv_device="cpu")
+    for r, g in zip(ref[-1], got[-1], strict=True):
+        assert torch.equal(r, g)
+    with pytest.raises(ValueError, match="inv_device"):
+        KFACPreconditioner(Net(), kl_clip=None, inv_device="tpu-ish")
