@@ -118,9 +118,7 @@ def spectral_range(eigenvalues: EigenvalueLike) -> float:
     return float(values.max() - values.min())
 
 
-def pac_bayes_flatness(
-    eigenvalues: EigenvalueLike, *, sigma: float, num_samples: int = 1
-) -> float:
+def pac_bayes_flatness(eigenvalues: EigenvalueLike, *, sigma: float, num_samples: int = 1) -> float:
     """PAC-Bayes flatness (curvature) term ``0.5 * sum_i log(1 + N sigma^2 lambda_i)``.
 
     Derivation: take the prior ``P = N(theta_0, sigma^2 I)`` and a Gaussian
@@ -184,9 +182,7 @@ def capacity_metrics(
     metrics = {
         "trace": spectral_trace(values),
         "effective_rank": effective_rank(values),
-        "condition_number": condition_number(
-            eigenvalues if rtol is None else values, rtol=rtol
-        ),
+        "condition_number": condition_number(eigenvalues if rtol is None else values, rtol=rtol),
         "spectral_gap": spectral_gap(values),
         "spectral_range": spectral_range(values),
         "max_eigenvalue": float(values.max()),

@@ -209,7 +209,7 @@ def _run(
         proc.last_beta = beta
         if j + 1 == steps or (stop is not None and stop(proc, j + 1)):
             break
-        if beta > eps ** 0.75 * anorm:
+        if beta > eps**0.75 * anorm:
             basis[j + 1] = w / beta
             proc.beta.append(beta)
             continue

@@ -55,8 +55,13 @@ def tiny_gpt2(seed: int = 0):
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=1, n_head=2, n_embd=8, vocab_size=11, n_positions=8,
-        bos_token_id=0, eos_token_id=0,
+        n_layer=1,
+        n_head=2,
+        n_embd=8,
+        vocab_size=11,
+        n_positions=8,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     model = GPT2LMHeadModel(config).to(DTYPE).eval()
     generator = torch.Generator().manual_seed(seed + 1)
@@ -175,8 +180,11 @@ class Problem:
     def dense(self, curvature, operator=None):
         if curvature == "fisher_mc":
             return self.fisher_mc(operator.sampled_targets)
-        return {"ggn": self.ggn, "hessian": self.hessian,
-                "empirical_fisher": self.empirical_fisher}[curvature]()
+        return {
+            "ggn": self.ggn,
+            "hessian": self.hessian,
+            "empirical_fisher": self.empirical_fisher,
+        }[curvature]()
 
 
 def mlp_problem(kind: str, names=None) -> tuple[nn.Module, list, Problem]:
