@@ -9,6 +9,8 @@ Public API:
   ``make_operator``.
 - :mod:`~fisher_metrics.lanczos`: ``lanczos`` (full / periodic
   reorthogonalization) and ``slq`` spectral densities.
+- :mod:`~fisher_metrics.spectrum`: ``gram_eigenvalues`` (Gram-trick spectra,
+  whole or per parameter block, of Fisher-type operators).
 - :mod:`~fisher_metrics.trace`: ``hutchinson`` and ``hutch_plus_plus``.
 - :mod:`~fisher_metrics.capacity`: trace, effective rank, condition number,
   spectral gap / range, PAC-Bayes flatness.
@@ -41,6 +43,7 @@ from .operators import (
     make_operator,
     resolve_parameters,
 )
+from .spectrum import gram_eigenvalues
 from .trace import TraceEstimate, hutch_plus_plus, hutchinson
 
 __all__ = [
@@ -61,6 +64,7 @@ __all__ = [
     "condition_number",
     "effective_rank",
     "gaussian_density",
+    "gram_eigenvalues",
     "hutch_plus_plus",
     "hutchinson",
     "lanczos",

@@ -67,7 +67,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp
+from torch.func import functional_call, grad, jacrev, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._validation import LANCZOS_DTYPES, check_choice, check_dtype, check_int, check_seed
@@ -340,6 +340,12 @@ class _Loss:
             f"loss_fn in {LOSSES} (got a custom callable loss)"
         )
 
+    def sqrt_hessian_times(self, out: Tensor, J: Tensor) -> Tensor:
+        """Return ``B_r^T J_r`` per row, with ``H_r = B_r B_r^T``; ``J: (R, C, n)``."""
+        raise ValueError(
+            f"the GGN Gram factor needs loss_fn in {LOSSES} (got a custom callable loss)"
+        )
+
 
 class _CrossEntropy(_Loss):
     name = "cross_entropy"
@@ -351,6 +357,12 @@ class _CrossEntropy(_Loss):
         p = torch.softmax(out, dim=-1)
         pv = p * v
         return pv - p * pv.sum(dim=-1, keepdim=True)
+
+    def sqrt_hessian_times(self, out: Tensor, J: Tensor) -> Tensor:
+        # diag(p) - p p^T = B B^T with B = diag(sqrt p) - p sqrt(p)^T, so
+        # (B^T J)_c = sqrt(p_c) (J_c - sum_c' p_c' J_c').
+        p = torch.softmax(out, dim=-1)[:, :, None]
+        return p.sqrt() * (J - (p * J).sum(dim=1, keepdim=True))
 
     def sample(self, out: Tensor, num_samples: int, generator: torch.Generator) -> Tensor:
         probs = torch.softmax(out.detach().to("cpu", torch.float64), dim=-1)
@@ -366,6 +378,9 @@ class _SquaredError(_Loss):
 
     def output_hvp(self, out: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         return v
+
+    def sqrt_hessian_times(self, out: Tensor, J: Tensor) -> Tensor:
+        return J
 
     def sample(self, out: Tensor, num_samples: int, generator: torch.Generator) -> Tensor:
         base = out.detach().to("cpu", torch.float64)
@@ -603,6 +618,7 @@ class CurvatureOperator(LinearOperator):
 
     Attributes:
         param_names: selected parameter names (flat-vector order).
+        param_shapes: ``{name: shape}`` of the selected parameters, in that order.
         num_rows: ``R``, the number of valid rows (samples or tokens) in ``data``.
         num_batches: number of batches in ``data``.
         loss_name: ``"cross_entropy"``, ``"mse"`` or ``"callable"``.
@@ -653,6 +669,7 @@ class CurvatureOperator(LinearOperator):
         self._model = model
         self.param_names = names
         self._params = {name: lookup[name].detach() for name in names}
+        self.param_shapes = {name: p.shape for name, p in self._params.items()}
         self._accepts_use_cache = "use_cache" in inspect.signature(model.forward).parameters
         self._batches, self._loss = self._prepare(data, loss_fn, shift_labels)
         self.num_batches = len(self._batches)
@@ -729,6 +746,33 @@ class CurvatureOperator(LinearOperator):
                 total += self.flatten(self._batch_product(batch, tangent))
         return total / self._normalizer()
 
+    def gram_factor(self) -> Tensor:
+        """Return ``V: (N, n)`` with ``A = V^T V`` (the Gram-trick factor).
+
+        ``V V^T`` (``N x N``) has the non-zero eigenvalues of ``A``, which is
+        cheaper when ``N < n`` (Papyan 2019). Rows: ``g_i / sqrt(N)`` for the
+        (empirical or sampled) Fisher; ``B_r^T J_r / sqrt(R)`` (``C`` rows per
+        valid row) for the GGN. Built with ``jacrev`` (``N`` backward passes,
+        vectorized), so it needs ``N * n`` memory.
+
+        Raises:
+            TypeError: the Hessian has no Gram factor.
+            ValueError: the GGN of a callable loss (its output-Hessian root is
+                not known).
+        """
+        raise TypeError(f"{type(self).__name__} is not a Gram matrix: no gram_factor")
+
+    def _jacobian(self, fn: Callable[[dict], Tensor]) -> Tensor:
+        """``jacrev`` of ``fn`` (output ``(N, ...)``) as an ``(N, ..., n)`` tensor."""
+        jac = jacrev(fn)(self._params)
+        return torch.cat(
+            [
+                jac[name].flatten(start_dim=jac[name].dim() - self._params[name].dim())
+                for name in self.param_names
+            ],
+            dim=-1,
+        )
+
     def mean_loss(self) -> float:
         """Return the mean loss ``L`` over all valid rows at the current parameters."""
         total = 0.0
@@ -755,6 +799,15 @@ class GGNOperator(CurvatureOperator):
         out, jv = jvp(outputs, (self._params,), (v,))
         _, pullback = vjp(outputs, self._params)
         return pullback(self._loss.output_hvp(out, batch.targets, jv))[0]
+
+    def gram_factor(self) -> Tensor:
+        blocks = []
+        with torch.no_grad(), _evaluation_mode(self._model):
+            for batch in self._batches:
+                out = batch.rows(self._call, self._params)
+                J = self._jacobian(lambda p, b=batch: b.rows(self._call, p))
+                blocks.append(self._loss.sqrt_hessian_times(out, J).reshape(-1, self._n))
+        return torch.cat(blocks) / self._normalizer() ** 0.5
 
 
 class HessianOperator(CurvatureOperator):
@@ -790,6 +843,13 @@ class _GradientOuterProduct(CurvatureOperator):
         _, u = jvp(losses, (self._params,), (v,))
         _, pullback = vjp(losses, self._params)
         return pullback(u)[0]
+
+    def gram_factor(self) -> Tensor:
+        with torch.no_grad(), _evaluation_mode(self._model):
+            blocks = [
+                self._jacobian(lambda p, b=batch: self._row_losses(b, p)) for batch in self._batches
+            ]
+        return torch.cat(blocks) / self._normalizer() ** 0.5
 
 
 class EmpiricalFisherOperator(_GradientOuterProduct):

@@ -142,6 +142,9 @@ def test_no_reorthogonalization_ghosts_are_not_reported():
         distance = float((exact - value).abs().min())
         assert distance <= float(residual) + 1e-10
         assert not ok or distance <= res.tol * res.scale + 1e-10
+    periodic = fm.lanczos(A, k=5, reorth="periodic", max_iter=150)
+    assert periodic.ghosts_removed == 0 and periodic.all_converged
+    assert periodic.eigenvalues[:4].tolist() == pytest.approx([100.0, 50.0, 30.0, 10.0], abs=1e-9)
 
 
 def test_residuals_are_honest_before_convergence():
