@@ -87,6 +87,8 @@ class KFACOptions:
     accumulation_steps: int = 1
     eigenvalue_correction: bool = False
     inv_device: Any = "auto"
+    process_group: Any = "auto"
+    comm_dtype: torch.dtype | None = None
     grad_scaler: Any = None
 
     def __post_init__(self) -> None:
@@ -117,6 +119,7 @@ class KFACOptions:
             raise ValueError("max_condition_number must be None or a real number >= 1, got "
                              f"{self.max_condition_number!r}")
         self.inv_device = self._check_inv_device(self.inv_device)
+        _check_choice("comm_dtype", self.comm_dtype, FACTOR_DTYPES)
         if not isinstance(self.eigenvalue_correction, bool):
             raise TypeError("eigenvalue_correction must be a bool, got "
                             f"{self.eigenvalue_correction!r}")

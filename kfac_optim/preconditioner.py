@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .distributed import CommStats, all_gather_columns, all_reduce_symmetric, resolve_group
 from .factors import (
     LowRankFactor,
     RunningFactor,
@@ -237,6 +238,8 @@ class KFACPreconditioner:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = _unwrap(model)
+        self._group = resolve_group(opts.process_group)
+        self.comm = CommStats()
         self.steps = 0
         self.capture_enabled = True
         self._ctx: _BatchContext | None = None
@@ -374,12 +377,17 @@ class KFACPreconditioner:
         # see a backward (activation-checkpoint recomputation, unused outputs) add nothing.
         output.register_hook(partial(self._grad_hook, layer, inputs[0].detach(), self._ctx))
 
+    def _acc_dtype(self, cap: LayerCapture) -> torch.dtype:
+        """Accumulation dtype: float64 for float64 layers or storage, else float32 (half
+        precision storage accumulates in float32)."""
+        f = self.options.factor_dtype
+        wide = f == torch.float64 or (f is None and cap.weight.dtype == torch.float64)
+        return torch.float64 if wide else torch.float32
+
     def _grad_hook(self, layer: _Layer, x: Tensor, ctx: _BatchContext | None, grad: Tensor):
         cap = layer.capture
         opts = self.options
-        wide = opts.factor_dtype == torch.float64 or (
-            opts.factor_dtype is None and cap.weight.dtype == torch.float64)
-        dtype = torch.float64 if wide else torch.float32  # half storage accumulates in fp32
+        dtype = self._acc_dtype(cap)
         rows = cap.input_rows(x)
         mask = None
         if ctx is not None and ctx.mask is not None and ctx.mask.shape == cap.mask_shape(x):
@@ -432,12 +440,57 @@ class KFACPreconditioner:
         lr = opts.lr if lr is None else check_nonneg("lr", lr)
         if kl_clip is not None and lr is None:
             raise ValueError("kl_clip needs lr: pass step(lr=...) or lr= at construction")
+        if self._group is not None and self.capturing:
+            self._reduce_statistics()
         counts = self._update_factors()
         if self.steps % opts.inv_update_steps == 0:
             self._update_inverses()
         self._update_eigenvalue_corrections(counts)
         self._precondition(lr, damping, kl_clip)
         self.steps += 1
+
+    def _reduce_statistics(self) -> None:
+        """Sum every layer's pending statistics over ranks (DESIGN.md, "Distributed").
+
+        Every rank contributes every layer, zeros where it saw no rows, so the collective
+        calls match; dense sums and counts travel in one packed bucket, low-rank G blocks
+        are gathered. A layer no rank saw is left with nothing pending.
+        """
+        dense, low_rank = [], []
+        for layer in self._layers.values():
+            cap = layer.capture
+            dtype, dev = self._acc_dtype(cap), cap.weight.device
+            d, o = cap.in_features, cap.out_features
+            if not layer.a.pending:
+                shape = (d,) if cap.diagonal_a else (d, d)
+                layer.a.add_sum(torch.zeros(shape, dtype=dtype, device=dev), 0.0)
+            if not layer.g.pending:
+                layer.g.add(torch.zeros(0, o, dtype=dtype, device=dev), 0.0)
+            dense += [layer.a.pending_sum, layer.a.pending_count, layer.g.pending_count]
+            if layer.low_rank:
+                low_rank.append(layer)
+            else:
+                dense.append(layer.g.pending_sum)
+        reduced = iter(all_reduce_symmetric(dense, self._group, comm_dtype=self.options.comm_dtype,
+                                            stats=self.comm))
+        seen = []
+        for layer in self._layers.values():
+            layer.a.pending_sum, layer.a.pending_count = next(reduced), next(reduced)
+            layer.g.pending_count = next(reduced)
+            if not layer.low_rank:
+                layer.g.pending_sum = next(reduced)
+            seen.append(layer.a.pending_count > 0)
+        for layer in low_rank:
+            block = torch.cat(layer.g.pending_rows).t()
+            gathered = all_gather_columns(block, self._group, comm_dtype=self.options.comm_dtype,
+                                          stats=self.comm)
+            layer.g.pending_rows = [gathered.t()]
+        for layer, ok in zip(self._layers.values(), torch.stack(seen).tolist(), strict=True):
+            if not ok:
+                layer.a.take_batch()
+                layer.g.take_batch()
+                if layer.ekfac_rows:
+                    layer.ekfac_rows.clear()
 
     def _update_factors(self) -> dict[str, Tensor]:
         """Fold pending statistics into the running factors; returns each updated layer's
@@ -477,14 +530,19 @@ class KFACPreconditioner:
 
     def _update_eigenvalue_corrections(self, counts: dict[str, Tensor]) -> None:
         for name, layer in self._layers.items():
-            if not layer.ekfac_rows:
+            if layer.ekfac_rows is None or name not in counts:
                 continue
             rows, layer.ekfac_rows = layer.ekfac_rows, []
-            inv = layer.inv
+            inv, cap = layer.inv, layer.capture
             if inv is None or "q_g" not in inv or inv["q_g"].shape[1] < inv["q_g"].shape[0]:
                 continue  # no full eigenbasis yet (or a thin Woodbury one): K-FAC eigenvalues
-            batch = sum(eigenbasis_second_moments(a, g, inv["q_a"], inv["q_g"],
-                                                  layer.capture.in_features) for a, g in rows)
+            batch = torch.zeros(cap.out_features, cap.in_features, dtype=inv["q_g"].dtype,
+                                device=inv["q_g"].device)
+            for a, g in rows:
+                batch += eigenbasis_second_moments(a, g, inv["q_a"], inv["q_g"], cap.in_features)
+            if self._group is not None:  # counts[name] is already the global N
+                (flat,) = all_reduce_symmetric([batch.reshape(-1)], self._group, stats=self.comm)
+                batch = flat.reshape(batch.shape)
             batch = batch / counts[name].clamp(min=1)
             if not bool(torch.isfinite(batch).all()):
                 continue

@@ -1,0 +1,130 @@
+"""Moving and reducing factor statistics across ranks; no K-FAC mathematics here.
+
+The reduction must be exact (DESIGN.md, "Distributed"): R ranks each holding part of a
+batch give the same factors as one process holding all of it. So ranks exchange the
+*sums* of outer products and the row / loss-term *counts*, never per-rank averages
+(ranks can hold different numbers of valid tokens), and a low-rank G's column blocks
+are gathered, not their Grams summed (``U_i^T U_j`` cross terms).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["resolve_group", "world_size", "all_reduce_symmetric", "all_gather_columns",
+           "CommStats"]
+
+
+def resolve_group(process_group: Any) -> Any:
+    """``"auto"``: the default group when torch.distributed is initialised with more than
+    one rank, else None (single process); None: no reduction; else the group itself."""
+    if process_group == "auto":
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.group.WORLD
+        return None
+    return process_group
+
+
+def world_size(group: Any) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+class CommStats:
+    """Bytes this rank sent per reduction kind, for benchmarks and ``describe``."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, int] = {}
+        self.calls = 0
+
+    def add(self, kind: str, nbytes: int) -> None:
+        self.bytes[kind] = self.bytes.get(kind, 0) + nbytes
+        self.calls += 1
+
+
+def _pack(t: Tensor) -> Tensor:
+    """Upper triangle of a symmetric (n, n) matrix as a vector; vectors pass unchanged."""
+    if t.dim() == 1:
+        return t
+    i, j = torch.triu_indices(t.shape[0], t.shape[1], device=t.device)
+    return t[i, j]
+
+
+def _unpack(v: Tensor, like: Tensor) -> Tensor:
+    if like.dim() == 1:
+        return v.to(like.dtype)
+    n = like.shape[0]
+    i, j = torch.triu_indices(n, n, device=like.device)
+    out = torch.empty_like(like)
+    out[i, j] = v.to(like.dtype)
+    out[j, i] = v.to(like.dtype)
+    return out
+
+
+def all_reduce_symmetric(tensors: list[Tensor], group: Any, *,
+                         comm_dtype: torch.dtype | None = None,
+                         stats: CommStats | None = None) -> list[Tensor]:
+    """Sum symmetric matrices (and vectors / scalars) over ranks in one bucket.
+
+    Each ``(n, n)`` matrix is sent as its upper triangle (n (n+1) / 2 values); matrices
+    and vectors are concatenated into one flat buffer (cast to ``comm_dtype`` if given)
+    and reduced with a single ``all_reduce``; 0-dim counts go in a second, float64 buffer
+    so that they stay exact.
+
+    Args:
+        tensors: symmetric ``(n, n)`` matrices, ``(n,)`` vectors or 0-dim counts; the
+            same shapes, in the same order, on every rank.
+        group: process group.
+        comm_dtype: dtype on the wire (None: the tensors' dtype).
+
+    Returns:
+        The reduced tensors, in the input shapes and dtypes.
+    """
+    if not tensors:
+        return []
+    counts = [i for i, t in enumerate(tensors) if t.dim() == 0]
+    sums = [i for i, t in enumerate(tensors) if t.dim() > 0]
+    out: list[Tensor | None] = [None] * len(tensors)
+    if counts:  # counts stay exact whatever comm_dtype is: their own float64 bucket
+        flat = torch.stack([tensors[i].to(torch.float64) for i in counts])
+        if stats is not None:
+            stats.add("counts", flat.numel() * flat.element_size())
+        dist.all_reduce(flat, group=group)
+        for k, i in enumerate(counts):
+            out[i] = flat[k].to(tensors[i].dtype)
+    if sums:
+        packed = [_pack(tensors[i]) for i in sums]
+        flat = torch.cat([p.to(comm_dtype or p.dtype) for p in packed])
+        if stats is not None:
+            stats.add("dense", flat.numel() * flat.element_size())
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for i, p in zip(sums, packed, strict=True):
+            out[i] = _unpack(flat[offset: offset + p.numel()], tensors[i])
+            offset += p.numel()
+    return out
+
+
+def all_gather_columns(block: Tensor, group: Any, *, comm_dtype: torch.dtype | None = None,
+                       stats: CommStats | None = None) -> Tensor:
+    """Concatenate every rank's ``(o, T_r)`` column block into ``(o, sum_r T_r)``.
+
+    Blocks may have different widths: widths are exchanged first and blocks padded to the
+    widest for ``all_gather`` ("gather" mode of the Woodbury reduction).
+    """
+    r = world_size(group)
+    width = torch.tensor([block.shape[1]], device=block.device)
+    widths = [torch.zeros_like(width) for _ in range(r)]
+    dist.all_gather(widths, width, group=group)
+    widths = [int(w) for w in widths]
+    wire = block.to(comm_dtype or block.dtype)
+    padded = torch.zeros(block.shape[0], max(widths), dtype=wire.dtype, device=block.device)
+    padded[:, : block.shape[1]] = wire
+    parts = [torch.empty_like(padded) for _ in range(r)]
+    if stats is not None:
+        stats.add("low_rank_gather", padded.numel() * padded.element_size())
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:, :w] for p, w in zip(parts, widths, strict=True)], 1).to(block.dtype)

@@ -1,0 +1,146 @@
+"""2-rank worker for tests/test_distributed.py (launched with torchrun, gloo on 127.0.0.1).
+
+Each scenario runs K-FAC under DDP with every rank holding part of a batch (uneven valid
+token counts) and, on every rank, a single-process reference on the whole batch given the
+same (DDP-averaged) gradient. Rank 0 writes the largest differences to ``argv[1]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from kfac_optim import KFAC, KFACPreconditioner
+
+
+def model_fn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 24), nn.Tanh(), nn.Linear(24, 3)).double()
+
+
+def data(step):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(4, 5, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (4, 5), generator=g)
+    mask = torch.ones(4, 5)
+    mask[0, 4] = 0  # rank 0: 9 valid tokens
+    mask[2, 2:] = 0  # rank 1: 7 valid tokens
+    mask[3, 1:] = 0
+    return x, y, mask
+
+
+def loss_fn(model, x, y, mask):
+    per = F.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1), reduction="none")
+    return (per * mask.reshape(-1)).sum() / mask.sum()
+
+
+def local(t, rank):
+    return t[2 * rank: 2 * rank + 2]
+
+
+@torch.no_grad()
+def max_diff(a, b):
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True)) if a else 0.0
+
+
+def factor_values(pre):
+    return [t for layer in pre._layers.values() for t in (layer.a.value(), layer.g.value())]
+
+
+def compare_preconditioner(rank, steps=3, **kw):
+    model = model_fn()
+    ref_model = copy.deepcopy(model)
+    ddp = DDP(model)
+    common = dict(factor_update_steps=1, inv_update_steps=1, kl_clip=None, damping=1e-2,
+                  factor_decay=0.5, **kw)
+    pre = KFACPreconditioner(ddp, **common)
+    ref = KFACPreconditioner(ref_model, process_group=None, **common)
+    worst = {"factors": 0.0, "grads": 0.0}
+    for step in range(steps):
+        x, y, mask = data(step)
+        ddp.zero_grad()
+        pre.set_token_mask(local(mask, rank))
+        loss_fn(ddp, local(x, rank), local(y, rank), local(mask, rank)).backward()
+        averaged = [p.grad.clone() for p in model.parameters()]
+        pre.step()
+        ref_model.zero_grad()
+        ref.set_token_mask(mask)
+        loss_fn(ref_model, x, y, mask).backward()
+        for p, g in zip(ref_model.parameters(), averaged, strict=True):
+            p.grad.copy_(g)  # same V: compare the preconditioning, not DDP's averaging
+        ref.step()
+        worst["factors"] = max(worst["factors"], max_diff(factor_values(pre),
+                                                          factor_values(ref)))
+        worst["grads"] = max(worst["grads"], max_diff(
+            [p.grad for p in model.parameters()], [p.grad for p in ref_model.parameters()]))
+    worst["bytes"] = dict(pre.comm.bytes)
+    return worst
+
+
+def resume(rank, path):
+    kw = dict(lr=0.05, damping=1e-2, factor_update_steps=1, inv_update_steps=2,
+              inverse_policy="auto", factor_decay=0.7)
+
+    def run(ddp, opt, pre_steps):
+        for step in pre_steps:
+            x, y, mask = data(step)
+            opt.zero_grad()
+            opt.preconditioner.set_token_mask(local(mask, rank))
+            loss_fn(ddp, local(x, rank), local(y, rank), local(mask, rank)).backward()
+            opt.step()
+
+    m1 = model_fn()
+    d1 = DDP(m1)
+    o1 = KFAC(d1, **kw)
+    run(d1, o1, range(4))
+    m2 = model_fn()
+    d2 = DDP(m2)
+    o2 = KFAC(d2, **kw)
+    run(d2, o2, range(2))
+    state = o2.state_dict()
+    keys = sorted(state["kfac"]["layers"]) + sorted(state["kfac"]["layers"]["0"])
+    all_keys = [None, None]
+    dist.all_gather_object(all_keys, keys)
+    torch.save({"model": m2.state_dict(), "opt": state}, f"{path}.rank{rank}.pt")
+    ckpt = torch.load(f"{path}.rank{rank}.pt", weights_only=True)
+    m3 = model_fn()
+    m3.load_state_dict(ckpt["model"])
+    d3 = DDP(m3)
+    o3 = KFAC(d3, **kw)
+    o3.load_state_dict(ckpt["opt"])
+    run(d3, o3, range(2, 4))
+    return {"same_keys_on_ranks": all_keys[0] == all_keys[1],
+            "max_param_diff": max_diff(list(m1.parameters()), list(m3.parameters()))}
+
+
+def main():
+    out = sys.argv[1]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results = {}
+    for policy in ("eig", "woodbury"):
+        for mode in ("exact", "factored"):
+            results[f"{policy}-{mode}"] = compare_preconditioner(rank, inverse_policy=policy,
+                                                                 damping_mode=mode)
+    results["ekfac"] = compare_preconditioner(rank, eigenvalue_correction=True)
+    results["comm_bfloat16"] = compare_preconditioner(rank, comm_dtype=torch.bfloat16)
+    results["resume"] = resume(rank, out)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # measured: gloo workers sometimes abort at interpreter exit
+
+
+if __name__ == "__main__":
+    main()
