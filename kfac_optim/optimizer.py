@@ -110,6 +110,14 @@ class KFAC(torch.optim.Optimizer):
                 d = d.add(buf, alpha=mom) if group["nesterov"] else buf
             p.add_(d, alpha=-lr)
 
+    def train(self) -> None:
+        """Resume statistics capture (Hugging Face Trainer calls this before training)."""
+        self.preconditioner.capture_enabled = True
+
+    def eval(self) -> None:
+        """Stop statistics capture (Hugging Face Trainer calls this before evaluation)."""
+        self.preconditioner.capture_enabled = False
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["kfac"] = self.preconditioner.state_dict()

@@ -50,7 +50,10 @@ class _BatchContext:
     """What one forward call of the whole model tells the layers.
 
     ``mask``: ``(B, S)`` token validity (1 valid, 0 padding) or None.
-    ``num_loss_rows``: N, the number of loss terms the loss is a mean / sum over.
+    ``num_loss_rows``: N, the number of loss terms of this forward.
+    ``loss_divisor``: what the summed loss was divided by, when it is not N times
+    ``accumulation_steps`` (Hugging Face ``num_items_in_batch``: the loss is normalised
+    over the whole accumulated batch).
     ``grad_scale``: a GradScaler's scale when the forward ran (captured g are divided by it).
     ``counted``: layers that already counted N for this forward (a module applied
     several times in one forward adds rows to A, but its loss terms only once).
@@ -58,6 +61,8 @@ class _BatchContext:
 
     mask: Tensor | None = None
     num_loss_rows: Tensor | float | None = None
+    loss_divisor: Tensor | float | None = None
+    batch_size: int | None = None
     grad_scale: float = 1.0
     counted: set = field(default_factory=set)
 
@@ -91,6 +96,7 @@ class _Layer:
         self.ekfac_basis = -1
         self.nonfinite_skips = 0
         self.warned = False
+        self.positional = False
         self.diag: dict[str, Any] = {}
 
     @property
@@ -107,6 +113,7 @@ class _Layer:
             "basis": self.basis,
             "ekfac_basis": self.ekfac_basis,
             "nonfinite_skips": self.nonfinite_skips,
+            "positional": self.positional,
         }
 
 
@@ -138,6 +145,14 @@ def _condition(s: Tensor, rest: float = 0.0, dim: int | None = None) -> float:
 def _fmt(row: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in row.items())
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """Leading dim of the model's first tensor input (``input_ids`` / ``inputs_embeds``)."""
+    for value in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(value, Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    return None
 
 
 def _to_device(state: dict, device: torch.device) -> dict:
@@ -242,6 +257,9 @@ class KFACPreconditioner:
         self.comm = CommStats()
         self.steps = 0
         self.capture_enabled = True
+        # Hugging Face Trainer multiplies a num_items_in_batch-normalised loss by the number
+        # of processes when it averages tokens across devices (integrations.transformers).
+        self.loss_divisor_ranks = 1
         self._ctx: _BatchContext | None = None
         self._pending_mask: tuple[Tensor | None, Any] | None = None
         self._pending_scale: float | None = None
@@ -323,7 +341,8 @@ class KFACPreconditioner:
             labels = kwargs.get("labels")
             if mask is None and isinstance(labels, Tensor):
                 mask = labels != IGNORE_INDEX
-        self._ctx = _BatchContext(mask=mask, num_loss_rows=rows, grad_scale=self._grad_scale())
+        self._ctx = _BatchContext(mask=mask, num_loss_rows=rows, grad_scale=self._grad_scale(),
+                                  batch_size=_batch_size(args, kwargs))
 
     def _grad_scale(self) -> float:
         """The GradScaler's current scale; drops statistics of an overflowed step.
@@ -352,7 +371,12 @@ class KFACPreconditioner:
 
     def _root_post_hook(self, module, args, kwargs, output):
         ctx = self._ctx
-        if ctx is None or ctx.num_loss_rows is not None:
+        if ctx is None:
+            return
+        items = kwargs.get("num_items_in_batch")
+        if items is not None and self.options.loss_reduction == "mean":
+            ctx.loss_divisor = items / self.loss_divisor_ranks
+        if ctx.num_loss_rows is not None:
             return
         labels = kwargs.get("labels")
         if isinstance(labels, Tensor):
@@ -371,7 +395,18 @@ class KFACPreconditioner:
     def _forward_hook(self, layer: _Layer, module, inputs, output):
         if not (self.capturing and module.training and torch.is_grad_enabled()):
             return
+        if layer.positional:
+            return
         if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
+            return
+        ctx = self._ctx
+        if (layer.capture.diagonal_a and ctx is not None and (ctx.batch_size or 1) > 1
+                and inputs[0].dim() > 1 and inputs[0].shape[0] == 1):
+            # ids shared by the whole batch (a positional table, broadcast over it): its
+            # output gradient sums over samples, so it has no per-row Fisher factors.
+            layer.positional = True
+            log.info("K-FAC: '%s' is looked up with ids shared across the batch (a positional "
+                     "table): left to the base update", layer.capture.name)
             return
         # Pair this call's input with the gradient of *this* output: forwards that never
         # see a backward (activation-checkpoint recomputation, unused outputs) add nothing.
@@ -402,9 +437,10 @@ class KFACPreconditioner:
             a_rows, t = input_rows(rows, mask, has_bias=cap.has_bias, approx=approx, dtype=dtype)
             a_sum = a_rows.t() @ a_rows
         n = t if ctx is None or ctx.num_loss_rows is None else ctx.num_loss_rows
-        scale = n if opts.loss_reduction == "mean" else 1.0
-        if opts.accumulation_steps > 1:
-            scale = scale * opts.accumulation_steps
+        scale = 1.0
+        if opts.loss_reduction == "mean":
+            divisor = None if ctx is None else ctx.loss_divisor
+            scale = n * opts.accumulation_steps if divisor is None else divisor
         if ctx is not None and ctx.grad_scale != 1.0:
             scale = scale / ctx.grad_scale
         g_rows = output_grad_rows(cap.output_grad_rows(grad), mask, scale=scale, approx=approx,
@@ -724,6 +760,7 @@ class KFACPreconditioner:
             if layer.ekfac is not None and s["ekfac"] is not None:
                 layer.ekfac.load_state_dict(_to_device(s["ekfac"], dev))
             layer.nonfinite_skips = int(s.get("nonfinite_skips", 0))
+            layer.positional = bool(s.get("positional", False))
         self.steps = int(state["steps"])
 
     @staticmethod

@@ -1,0 +1,1 @@
+"""Integrations with training frameworks; imported explicitly, never by ``kfac_optim``."""

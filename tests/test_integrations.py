@@ -1,0 +1,87 @@
+"""Hugging Face Trainer recipe (KFACTrainer), single process."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kfac_optim import KFAC, KFACPreconditioner
+
+transformers = pytest.importorskip("transformers")
+
+
+def _model():
+    cfg = transformers.GPT2Config(vocab_size=20, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _examples():
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(8):
+        ids = torch.randint(1, 20, (10,), generator=g)
+        mask = torch.ones(10, dtype=torch.long)
+        mask[10 - (i % 4) * 2:] = 0  # 0, 2, 4 or 6 padding tokens
+        rows.append({"input_ids": ids, "attention_mask": mask,
+                     "labels": ids.masked_fill(mask == 0, -100)})
+    return rows
+
+
+def _factors(pre):
+    return {n: (layer.a.value(), layer.g.value()) for n, layer in pre._layers.items()}
+
+
+def test_trainer_accumulation_matches_one_batch_and_eval_leaves_factors(tmp_path):
+    from kfac_optim.integrations.transformers import KFACTrainer
+
+    model = _model()
+    ref_model = copy.deepcopy(model)
+    data = _examples()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        max_steps=1, learning_rate=0.05, report_to=[], save_strategy="no", use_cpu=True,
+        logging_strategy="no", per_device_eval_batch_size=4, seed=0)
+    kfac_kwargs = dict(factor_update_steps=1, inv_update_steps=1, damping=1e-2, kl_clip=1e-2)
+    trainer = KFACTrainer(model=model, args=args, train_dataset=data, eval_dataset=data,
+                          kfac_kwargs=kfac_kwargs)
+    trainer.train()
+    wrapped = trainer.optimizer  # Trainer prepares it: accelerate's AcceleratedOptimizer
+    opt = wrapped.optimizer
+    assert isinstance(opt, KFAC)
+
+    ref = KFACPreconditioner(ref_model, factor_update_steps=1, inv_update_steps=1,
+                             kl_clip=None)
+    batch = {k: torch.stack([r[k] for r in data]) for k in data[0]}
+    ref_model(**batch).loss.backward()
+    ref.step()
+    got, want = _factors(opt.preconditioner), _factors(ref)
+    assert set(got) == set(want)
+    # GPT-2's position table is looked up with ids shared by the batch: base update only
+    assert got.pop("transformer.wpe") == (None, None) == want.pop("transformer.wpe")
+    for name in want:
+        for g, w in zip(got[name], want[name], strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+    before = copy.deepcopy(opt.preconditioner.state_dict())
+    trainer.evaluate()  # Trainer calls optimizer.eval() through the wrapper
+    assert not opt.preconditioner.capture_enabled
+    after = opt.preconditioner.state_dict()
+    for name, layer in before["layers"].items():
+        if layer["A"]["ema"] is not None:
+            assert torch.equal(layer["A"]["ema"], after["layers"][name]["A"]["ema"])
+    wrapped.train()
+    assert opt.preconditioner.capture_enabled
+
+
+def test_trainer_refuses_second_optimizer(tmp_path):
+    from kfac_optim.integrations.transformers import KFACTrainer
+
+    model = _model()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="kfac_kwargs"):
+        KFACTrainer(model=model, args=args, train_dataset=_examples(), optimizers=(sgd, None))
