@@ -14,6 +14,10 @@ Public API:
 - :mod:`~fisher_metrics.trace`: ``hutchinson`` and ``hutch_plus_plus``.
 - :mod:`~fisher_metrics.capacity`: trace, effective rank, condition number,
   spectral gap / range, PAC-Bayes flatness.
+- :mod:`~fisher_metrics.representation` / :mod:`~fisher_metrics.kfac`:
+  ``FisherRepresentation`` (block-diagonal Fisher interface) and ``KFACFisher``
+  (eigenvalues, trace, log-det, products, top-k from stored K-FAC factors).
+- :func:`compare_hessian_fisher`: top Hessian vs Fisher eigenvalues and ratios.
 
 This package never imports ``kfac_optim``.
 """
@@ -27,7 +31,9 @@ from .capacity import (
     spectral_range,
     spectral_trace,
 )
+from .compare import compare_hessian_fisher
 from .eigenvalues import top_eigenvalues
+from .kfac import KFACFisher
 from .lanczos import LanczosResult, SpectralDensity, gaussian_density, lanczos, slq
 from .operators import (
     CURVATURES,
@@ -43,6 +49,7 @@ from .operators import (
     make_operator,
     resolve_parameters,
 )
+from .representation import FisherRepresentation, RepresentationOperator, TopEigenvalues
 from .spectrum import gram_eigenvalues
 from .trace import TraceEstimate, hutch_plus_plus, hutchinson
 
@@ -53,14 +60,19 @@ __all__ = [
     "DenseOperator",
     "EmpiricalFisherOperator",
     "FisherMCOperator",
+    "FisherRepresentation",
     "GGNOperator",
     "HessianOperator",
+    "KFACFisher",
     "LanczosResult",
     "LinearOperator",
+    "RepresentationOperator",
     "SpectralDensity",
+    "TopEigenvalues",
     "TraceEstimate",
     "as_operator",
     "capacity_metrics",
+    "compare_hessian_fisher",
     "condition_number",
     "effective_rank",
     "gaussian_density",
