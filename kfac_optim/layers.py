@@ -38,6 +38,28 @@ def is_supported(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) or _is_hf_conv1d(module)
 
 
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor: a sharded DTensor (FSDP2) is gathered (G mixes rows)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _assign(dst: Tensor, value: Tensor) -> None:
+    """Copy a full-shape ``value`` into ``dst``, keeping only this rank's shard of a DTensor."""
+    if not _is_dtensor(dst):
+        dst.copy_(value)
+        return
+    from torch.distributed.tensor import DTensor, Replicate
+
+    replicated = DTensor.from_local(value, dst.device_mesh, [Replicate()] * dst.device_mesh.ndim,
+                                    run_check=False)
+    # Replicate -> Shard is a local slice, no communication.
+    dst.to_local().copy_(replicated.redistribute(dst.device_mesh, dst.placements).to_local())
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
 def _rows_of_vectors(x: Tensor) -> Tensor:
     """``(..., f)`` -> ``(B, R, f)``: leading dim is the batch, the rest are positions."""
     if x.dim() == 1:
@@ -92,10 +114,10 @@ class LayerCapture:
         return _rows_of_vectors(g)
 
     def _weight_matrix_grad(self) -> Tensor:
-        return self.weight.grad
+        return _full(self.weight.grad)
 
     def _set_weight_matrix_grad(self, v: Tensor) -> None:
-        self.weight.grad.copy_(v)
+        _assign(self.weight.grad, v)
 
     # Generic ------------------------------------------------------------------
     @property
@@ -118,7 +140,7 @@ class LayerCapture:
         v = self._weight_matrix_grad()
         if self.has_bias:
             b = self.bias.grad
-            b = torch.zeros_like(v[:, 0]) if b is None else b
+            b = torch.zeros_like(v[:, 0]) if b is None else _full(b)
             v = torch.cat([v, b.unsqueeze(1)], dim=1)
         return v
 
@@ -127,7 +149,7 @@ class LayerCapture:
         if self.has_bias:
             if self.bias.grad is None:
                 self.bias.grad = torch.zeros_like(self.bias)
-            self.bias.grad.copy_(v[:, -1])
+            _assign(self.bias.grad, v[:, -1])
             v = v[:, :-1]
         self._set_weight_matrix_grad(v)
 
@@ -144,10 +166,10 @@ class HFConv1DCapture(LayerCapture):
         return o, d
 
     def _weight_matrix_grad(self) -> Tensor:
-        return self.weight.grad.t()
+        return _full(self.weight.grad).t()
 
     def _set_weight_matrix_grad(self, v: Tensor) -> None:
-        self.weight.grad.copy_(v.t())
+        _assign(self.weight.grad, v.t())
 
 
 class Conv2dCapture(LayerCapture):
@@ -206,10 +228,10 @@ class Conv2dCapture(LayerCapture):
         return torch.Size([-1])
 
     def _weight_matrix_grad(self) -> Tensor:
-        return self.weight.grad.reshape(self.weight.shape[0], -1)
+        return _full(self.weight.grad).reshape(self.weight.shape[0], -1)
 
     def _set_weight_matrix_grad(self, v: Tensor) -> None:
-        self.weight.grad.copy_(v.reshape(self.weight.shape))
+        _assign(self.weight.grad, v.reshape(self.weight.shape))
 
 
 class EmbeddingCapture(LayerCapture):
@@ -242,7 +264,7 @@ class EmbeddingCapture(LayerCapture):
         return x.shape
 
     def _weight_matrix_grad(self) -> Tensor:
-        g = self.weight.grad
+        g = _full(self.weight.grad)
         if g.is_sparse:
             raise ValueError(
                 f"layer '{self.name}': sparse Embedding gradients are not supported "
@@ -251,7 +273,7 @@ class EmbeddingCapture(LayerCapture):
         return g.t()
 
     def _set_weight_matrix_grad(self, v: Tensor) -> None:
-        self.weight.grad.copy_(v.t())
+        _assign(self.weight.grad, v.t())
 
 
 def capture_for(name: str, module: nn.Module) -> LayerCapture:

@@ -55,13 +55,33 @@ def factor_values(pre):
     return [t for layer in pre._layers.values() for t in (layer.a.value(), layer.g.value())]
 
 
-def compare_preconditioner(rank, steps=3, **kw):
+def full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def shard(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def compare_preconditioner(rank, steps=3, wrap="ddp", **kw):
+    """wrap: "ddp", "fsdp" (K-FAC built after fully_shard) or "fsdp-before" (before)."""
     model = model_fn()
     ref_model = copy.deepcopy(model)
-    ddp = DDP(model)
     common = dict(factor_update_steps=1, inv_update_steps=1, kl_clip=None, damping=1e-2,
                   factor_decay=0.5, **kw)
-    pre = KFACPreconditioner(ddp, **common)
+    if wrap == "ddp":
+        ddp = DDP(model)
+        pre = KFACPreconditioner(ddp, **common)
+    elif wrap == "fsdp":
+        ddp = shard(model)
+        pre = KFACPreconditioner(ddp, **common)
+    else:
+        pre = KFACPreconditioner(model, **common)
+        ddp = shard(model)
     ref = KFACPreconditioner(ref_model, process_group=None, **common)
     worst = {"factors": 0.0, "grads": 0.0}
     for step in range(steps):
@@ -69,7 +89,7 @@ def compare_preconditioner(rank, steps=3, **kw):
         ddp.zero_grad()
         pre.set_token_mask(local(mask, rank))
         loss_fn(ddp, local(x, rank), local(y, rank), local(mask, rank)).backward()
-        averaged = [p.grad.clone() for p in model.parameters()]
+        averaged = [full(p.grad).clone() for p in model.parameters()]
         pre.step()
         ref_model.zero_grad()
         ref.set_token_mask(mask)
@@ -80,7 +100,7 @@ def compare_preconditioner(rank, steps=3, **kw):
         worst["factors"] = max(worst["factors"], max_diff(factor_values(pre),
                                                           factor_values(ref)))
         worst["grads"] = max(worst["grads"], max_diff(
-            [p.grad for p in model.parameters()], [p.grad for p in ref_model.parameters()]))
+            [full(p.grad) for p in model.parameters()], [p.grad for p in ref_model.parameters()]))
     worst["bytes"] = dict(pre.comm.bytes)
     return worst
 
@@ -121,6 +141,33 @@ def resume(rank, path):
             "max_param_diff": max_diff(list(m1.parameters()), list(m3.parameters()))}
 
 
+def fsdp_optimizer_steps(rank):
+    """KFAC as the optimizer of an FSDP2 model: parameters stay sharded and finite, and
+    match a single-process KFAC run given the same averaged gradients."""
+    model = model_fn()
+    ref_model = copy.deepcopy(model)
+    kw = dict(lr=0.1, damping=1e-2, factor_update_steps=1, inv_update_steps=2)
+    sharded = shard(model)
+    opt = KFAC(sharded, **kw)
+    ref = KFAC(ref_model, process_group=None, **kw)
+    for step in range(3):
+        x, y, mask = data(step)
+        opt.zero_grad()
+        opt.preconditioner.set_token_mask(local(mask, rank))
+        loss_fn(sharded, local(x, rank), local(y, rank), local(mask, rank)).backward()
+        averaged = [full(p.grad).clone() for p in model.parameters()]
+        opt.step()
+        ref.zero_grad()
+        ref.preconditioner.set_token_mask(mask)
+        loss_fn(ref_model, x, y, mask).backward()
+        for p, g in zip(ref_model.parameters(), averaged, strict=True):
+            p.grad.copy_(g)
+        ref.step()
+    params = [full(p.detach()) for p in model.parameters()]
+    return {"sharded": all(hasattr(p, "full_tensor") for p in model.parameters()),
+            "max_param_diff": max_diff(params, list(ref_model.parameters()))}
+
+
 def main():
     out = sys.argv[1]
     dist.init_process_group("gloo")
@@ -133,6 +180,11 @@ def main():
     results["ekfac"] = compare_preconditioner(rank, eigenvalue_correction=True)
     results["comm_bfloat16"] = compare_preconditioner(rank, comm_dtype=torch.bfloat16)
     results["resume"] = resume(rank, out)
+    for policy in ("eig", "woodbury"):
+        results[f"fsdp-{policy}"] = compare_preconditioner(rank, wrap="fsdp",
+                                                           inverse_policy=policy)
+    results["fsdp-before-shard"] = compare_preconditioner(rank, wrap="fsdp-before")
+    results["fsdp-kfac-steps"] = fsdp_optimizer_steps(rank)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f, indent=1)

@@ -32,7 +32,8 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("scenario", ["eig-exact", "eig-factored", "woodbury-exact",
-                                      "woodbury-factored", "ekfac"])
+                                      "woodbury-factored", "ekfac", "fsdp-eig", "fsdp-woodbury",
+                                      "fsdp-before-shard"])
 def test_two_ranks_equal_single_process(results, scenario):
     r = results[scenario]
     assert r["factors"] < 1e-12
@@ -55,3 +56,9 @@ def test_bfloat16_communication(results):
 def test_resume_two_ranks_exact(results):
     assert results["resume"]["same_keys_on_ranks"]
     assert results["resume"]["max_param_diff"] == 0.0
+
+
+def test_fsdp2_kfac_optimizer_matches_single_process(results):
+    r = results["fsdp-kfac-steps"]
+    assert r["sharded"]
+    assert r["max_param_diff"] < 1e-12
