@@ -18,6 +18,8 @@ Public API:
   ``FisherRepresentation`` (block-diagonal Fisher interface) and ``KFACFisher``
   (eigenvalues, trace, log-det, products, top-k from stored K-FAC factors).
 - :func:`compare_hessian_fisher`: top Hessian vs Fisher eigenvalues and ratios.
+- :func:`report`: post-hoc per-layer / whole-model report (JSON, Markdown,
+  HTML); also ``python -m fisher_metrics report``.
 
 This package never imports ``kfac_optim``.
 """
@@ -49,6 +51,7 @@ from .operators import (
     make_operator,
     resolve_parameters,
 )
+from .report import build_report, report
 from .representation import FisherRepresentation, RepresentationOperator, TopEigenvalues
 from .spectrum import gram_eigenvalues
 from .trace import TraceEstimate, hutch_plus_plus, hutchinson
@@ -71,6 +74,7 @@ __all__ = [
     "TopEigenvalues",
     "TraceEstimate",
     "as_operator",
+    "build_report",
     "capacity_metrics",
     "compare_hessian_fisher",
     "condition_number",
@@ -82,6 +86,7 @@ __all__ = [
     "lanczos",
     "make_operator",
     "pac_bayes_flatness",
+    "report",
     "resolve_parameters",
     "slq",
     "spectral_gap",

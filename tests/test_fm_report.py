@@ -1,0 +1,202 @@
+"""The post-hoc report: CLI and ``fm.report`` on a tiny saved GPT-2 with a real K-FAC state.
+
+The model is ``GPT2LMHeadModel(n_layer=1, n_head=2, n_embd=16, vocab_size=257,
+n_positions=32)`` after two real ``kfac_optim`` steps on the byte-level pydoc
+corpus (its ``lm_head`` G is low-rank: Woodbury). Exact checks use small
+Lanczos / SLQ budgets so the whole report takes a few seconds.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fisher_metrics as fm
+import kfac_optim
+from fisher_metrics.__main__ import main
+from fisher_metrics.data import EOS_ID, byte_tokens, corpus_tokens, lm_batches
+from fisher_metrics.report import REPORT_FILES, TABLE_COLUMNS, build_report, default_data
+from tests.fm_reference import single_thread  # noqa: F401
+
+FAST = dict(exact_max_iter=6, slq_probes=2, slq_steps=6, hessian_k=1, progress=False)
+FAST_CLI = [
+    "--exact-max-iter",
+    "6",
+    "--slq-probes",
+    "2",
+    "--slq-steps",
+    "6",
+    "--hessian-k",
+    "1",
+    "--seq-len",
+    "16",
+    "--num-sequences",
+    "4",
+    "--no-progress",
+]
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        vocab_size=257,
+        n_positions=32,
+        bos_token_id=EOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    return GPT2LMHeadModel(config)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    pre = kfac_optim.KFACPreconditioner(
+        model, kl_clip=None, factor_update_steps=1, inverse_policy="hybrid", hybrid_min_out=200
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for batch in lm_batches(corpus_tokens(), seq_len=16, num_sequences=8, batch_size=4):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        pre.step()
+        opt.step()
+    pre.remove()
+    root = tmp_path_factory.mktemp("tiny_gpt2")
+    model.save_pretrained(root / "model")
+    torch.save(pre.state_dict(), root / "model" / "kfac_state.pt")
+    return root, model.eval(), pre.state_dict()
+
+
+def test_cli_writes_report(saved):
+    root, _, _ = saved
+    out = root / "report"
+    assert main(["report", "--model", str(root / "model"), "--out", str(out), *FAST_CLI]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(REPORT_FILES)
+    result = json.loads((out / "report.json").read_text())
+    table = result["table"]
+    assert [row["layer"] for row in table][0] == "lm_head"
+    for row in table:
+        assert set(TABLE_COLUMNS) <= set(row)
+        assert row["trace"] > 0 and row["top_eigenvalue"] > 0 and row["exact_top_eigenvalue"] > 0
+        assert row["kfac_exact_ratio"] == pytest.approx(
+            row["top_eigenvalue"] / row["exact_top_eigenvalue"]
+        )
+    head = table[0]
+    assert head["low_rank_g"] and head["tied_with"] == ["transformer.wte.weight"]
+    assert any("weight shared" in w for w in head["warnings"])
+    assert result["slq"]["num_probes"] == 2 and len(result["slq"]["nodes"]) == 12
+    assert result["comparison"]["hessian_top"] and result["comparison"]["kfac_top"]
+    assert set(result["meta"]["skipped_layers"]) <= {"transformer.wpe"}  # ids shared by rows
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "<table>" in html
+    markdown = (out / "report.md").read_text()
+    assert "| layer | type | shape |" in markdown and "## Warnings" in markdown
+
+
+def test_cli_finds_the_demo_layout(saved, tmp_path):
+    root, model, state = saved
+    demo = tmp_path / "demo"
+    model.save_pretrained(demo / "kfac_model")
+    torch.save(state, demo / "kfac_preconditioner.pt")
+    out = tmp_path / "out"
+    args = [
+        "report",
+        "--model",
+        str(demo),
+        "--out",
+        str(out),
+        "--no-exact",
+        "--slq-probes",
+        "0",
+        "--hessian-k",
+        "0",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    assert json.loads((out / "report.json").read_text())["table"][0]["exact_top_eigenvalue"] is None
+
+
+def test_python_report_matches_kfac_fisher(saved, tmp_path):
+    _, model, state = saved
+    data = lm_batches(corpus_tokens(), seq_len=16, num_sequences=4, batch_size=4)
+    table = fm.report(model, data, kfac=state, out=tmp_path, **FAST)
+    rows = table.to_dict("records") if hasattr(table, "to_dict") else table
+    rep = fm.KFACFisher.from_state_dict(state, model)
+    assert [row["layer"] for row in rows] == rep.layers
+    for row in rows:
+        assert row["trace"] == pytest.approx(rep.trace(row["layer"]), rel=1e-12)
+        assert row["top_eigenvalue"] == pytest.approx(
+            float(rep.top_k(1, row["layer"]).values[0]), rel=1e-12
+        )
+        assert row["shape"] == list(rep.factors(row["layer"])["shape"])
+    exact = fm.top_eigenvalues(model, data, k=1, params=rep.layer_params["lm_head"], max_iter=6)
+    assert rows[0]["exact_top_eigenvalue"] == pytest.approx(exact["max_eigenvalue"], rel=1e-6)
+    written = json.loads((tmp_path / "report.json").read_text())["table"]
+    assert [row["layer"] for row in written] == rep.layers
+
+
+def test_default_data_is_the_byte_level_pydoc_corpus(saved):
+    _, model, _ = saved
+    tokens = corpus_tokens()
+    assert tokens.dtype == torch.int64 and int(tokens.max()) == EOS_ID and int(tokens.min()) >= 0
+    assert torch.equal(byte_tokens("hé", eos_id=EOS_ID), torch.tensor([104, 195, 169, 256]))
+    batches = default_data(model, num_sequences=5, batch_size=2)
+    assert [b["input_ids"].shape for b in batches] == [(2, 32), (2, 32), (1, 32)]
+    assert torch.equal(batches[0]["input_ids"][0], tokens[:32])
+    assert torch.equal(batches[0]["labels"], batches[0]["input_ids"])
+
+
+def test_bad_arguments(saved, tmp_path, capsys):
+    root, model, state = saved
+    with pytest.raises(ValueError, match="k must be"):
+        build_report(model, kfac=state, k=0)
+    with pytest.raises(ValueError, match="exact_curvature"):
+        build_report(model, kfac=state, exact_curvature="hessian")
+    with pytest.raises(TypeError, match="kfac must be"):
+        build_report(model, kfac=3)
+    with pytest.raises(ValueError, match="ratio_warn must be >= 1"):
+        build_report(model, kfac=state, ratio_warn=0.5)
+    with pytest.raises(TypeError, match="model must be"):
+        fm.report("model", kfac=state)
+    mlp = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    pre = kfac_optim.KFACPreconditioner(mlp, kl_clip=None, factor_update_steps=1)
+    torch.nn.functional.cross_entropy(mlp(torch.randn(4, 3)), torch.tensor([0, 1, 0, 1])).backward()
+    pre.step()
+    with pytest.raises(ValueError, match="vocab_size"):
+        fm.report(mlp, kfac=pre, progress=False)
+    cases = [
+        (["report", "--model", str(tmp_path / "missing")], "must be a directory"),
+        (["report", "--model", str(tmp_path)], "no config.json"),
+        (["report", "--model", str(root / "model"), "--kfac-state", "nope.pt"], "--kfac-state"),
+        (["report", "--model", str(root / "model"), "--data", "nope.txt"], "--data must be"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as err:
+            main(argv)
+        assert err.value.code == 2 and message in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    model.save_pretrained(bare)
+    with pytest.raises(SystemExit):
+        main(["report", "--model", str(bare), "--out", str(tmp_path / "o")])
+    assert "no K-FAC state found" in capsys.readouterr().err
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "digits" / "config.json").write_text(json.dumps({"kind": "mlp", "hidden": 8}))
+    with pytest.raises(SystemExit):
+        main(["report", "--model", str(tmp_path / "digits")])
+    assert "not a Hugging Face model" in capsys.readouterr().err
+
+
+def test_module_entry_point_help():
+    done = subprocess.run(
+        [sys.executable, "-m", "fisher_metrics", "report", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "--kfac-state" in done.stdout
