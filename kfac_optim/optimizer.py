@@ -15,6 +15,30 @@ from .preconditioner import KFACPreconditioner
 __all__ = ["KFAC"]
 
 
+_SUPPORTED_SHARDING = ("single process, DDP, FSDP2 (fully_shard), Accelerate, "
+                       "DeepSpeed ZeRO stage 0")
+
+
+def _refuse_partitioned(groups: list[dict], model_params: set[int] | None = None) -> None:
+    """K-FAC needs each layer's whole gradient matrix. DeepSpeed ZeRO 1/2 hands the client
+    optimizer flat 1-D partitions that cut across parameters, ZeRO 3 leaves empty (0,)
+    placeholders in the module: refuse both with what works.
+
+    Raises:
+        RuntimeError: parameters are not the model's own, or are ZeRO-3 placeholders.
+    """
+    for group in groups:
+        for p in group["params"]:
+            if hasattr(p, "ds_shape") or hasattr(p, "ds_id"):
+                raise RuntimeError("KFAC cannot precondition DeepSpeed ZeRO stage 3 parameters "
+                                   f"(partitioned placeholders); supported: {_SUPPORTED_SHARDING}")
+            if model_params is not None and id(p) not in model_params:
+                raise RuntimeError(
+                    "KFAC's parameter groups no longer hold the model's parameters (a flat "
+                    "partition, as DeepSpeed ZeRO stage 1/2 passes to its client optimizer); "
+                    f"supported: {_SUPPORTED_SHARDING}")
+
+
 class KFAC(torch.optim.Optimizer):
     """K-FAC natural-gradient optimizer (Martens & Grosse 2015).
 
@@ -68,6 +92,8 @@ class KFAC(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                         damping=float(damping), kl_clip=check_kl_clip(kl_clip))
         super().__init__(params, defaults)
+        self._model_params = {id(p) for p in model.parameters()}
+        _refuse_partitioned(self.param_groups)
         self.skipped_steps = 0
 
     @torch.no_grad()
@@ -77,6 +103,7 @@ class KFAC(torch.optim.Optimizer):
         A step whose preconditioned gradients are not finite is skipped (weights and
         momentum unchanged, ``skipped_steps`` incremented, a warning).
         """
+        _refuse_partitioned(self.param_groups, self._model_params)
         loss = None
         if closure is not None:
             with torch.enable_grad():
