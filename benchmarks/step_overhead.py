@@ -1,0 +1,202 @@
+"""Step-time overhead of K-FAC relative to SGD: ``python benchmarks/step_overhead.py``.
+
+For each model (the digits MLP 64-256-256-10 at batch 64, and the demo's GPT-2 LM
+at its default size and batch) this times a full training step (zero_grad,
+forward, backward, optimizer step) for SGD-momentum, AdamW and K-FAC at
+``(factor_update_steps, inv_update_steps)`` = (1, 1), (1, 10), (10, 100), all in
+one process, and reports each as a ratio to SGD's step time.
+
+Method: every configuration gets a fresh model and optimizer and a warm-up of one
+full update period (at least 5 steps), excluded from timing. Then ``--repeats``
+rounds; in each round every configuration runs a block of steps whose length is a
+multiple of its inverse-update period (so every block holds the same number of
+factor and inverse updates: the amortized cost), and the block's mean ms/step is
+one sample. Rounds interleave the configurations so that a slow spell on a shared
+machine hits all of them; the reported time is the median over rounds, and the
+ratio is taken per round before the median. Results go to ``--out`` as JSON
+(with the load average, since a busy machine inflates every number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kfac_optim.data import digits_batches, lm_batches, load_digits_data, load_lm_data
+from kfac_optim.demo import (
+    TASK_DEFAULTS,
+    build_digits_model,
+    build_lm_model,
+    default_hparams,
+    make_optimizer,
+)
+
+SCHEDULES = ((1, 1), (1, 10), (10, 100))
+
+
+def _configs() -> list[tuple[str, str, dict[str, Any]]]:
+    """``(label, optimizer, hyperparameter overrides)`` for every timed configuration."""
+    out: list[tuple[str, str, dict[str, Any]]] = [("sgd", "sgd", {}), ("adamw", "adamw", {})]
+    for f, i in SCHEDULES:
+        out.append((f"kfac({f},{i})", "kfac",
+                    {"factor_update_steps": f, "inv_update_steps": i}))
+    return out
+
+
+def _lm_setup(seed: int):
+    cfg = TASK_DEFAULTS["lm"]
+    tokens = load_lm_data().train
+    batches = lm_batches(tokens, cfg["batch_size"], cfg["seq_len"], seed)
+
+    def build():
+        return build_lm_model(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["seq_len"])
+
+    def loss(model, batch):
+        return model(input_ids=batch, labels=batch).loss
+
+    desc = (f"GPT-2 LM {cfg['n_layer']}x{cfg['n_embd']} (heads {cfg['n_head']}), batch "
+            f"{cfg['batch_size']}x{cfg['seq_len']} tokens")
+    return "lm", desc, build, batches, loss
+
+
+def _mlp_setup(seed: int):
+    d = load_digits_data(seed=seed)
+    batches = digits_batches(d.x_train, d.y_train, 64, seed)
+
+    def build():
+        return build_digits_model("mlp", 256)
+
+    def loss(model, batch):
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    return "digits", "digits MLP 64-256-256-10, batch 64", build, batches, loss
+
+
+def _block_len(label: str, hp: dict[str, Any], base: int) -> int:
+    period = hp.get("inv_update_steps", 1)
+    return max(period, math.ceil(base / period) * period)
+
+
+def bench_model(setup, *, repeats: int, base_steps: int, seed: int) -> dict[str, Any]:
+    """Time every configuration on one model; returns per-configuration samples and ratios."""
+    task, desc, build, batches, loss_fn = setup
+    runs = []
+    for label, name, overrides in _configs():
+        torch.manual_seed(seed)
+        model = build()
+        model.train()
+        hp = default_hparams(task, name)
+        hp.update(overrides)
+        opt = make_optimizer(name, model, hp)
+        runs.append({"label": label, "model": model, "opt": opt, "hp": hp,
+                     "block": _block_len(label, hp, base_steps), "samples": []})
+
+    def run_steps(r: dict, n: int) -> float:
+        model, opt = r["model"], r["opt"]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            batch = next(batches)
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model, batch).backward()
+            opt.step()
+        return (time.perf_counter() - t0) / n
+
+    for r in runs:  # warm-up: one full update period, not timed
+        run_steps(r, max(5, r["hp"].get("inv_update_steps", 1)))
+    for _ in range(repeats):
+        for r in runs:
+            r["samples"].append(1000.0 * run_steps(r, r["block"]))
+
+    sgd = runs[0]["samples"]
+    out = {"model": desc, "configs": {}}
+    for r in runs:
+        ratios = [s / b for s, b in zip(r["samples"], sgd, strict=True)]
+        out["configs"][r["label"]] = {
+            "ms_per_step": statistics.median(r["samples"]),
+            "ratio_to_sgd": statistics.median(ratios),
+            "samples_ms": r["samples"],
+            "block_steps": r["block"],
+            "hparams": {k: v for k, v in r["hp"].items() if not isinstance(v, tuple)},
+        }
+        if hasattr(r["opt"], "preconditioner"):
+            r["opt"].preconditioner.remove()
+    return out
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown table: one row per configuration, ms/step and ratio to SGD per model."""
+    models = list(results["models"])
+    labels = list(results["models"][models[0]]["configs"])
+    head = "| optimizer | " + " | ".join(f"{m} ms/step | {m} x SGD" for m in models) + " |"
+    sep = "|---|" + "---:|---:|" * len(models)
+    lines = [head, sep]
+    for label in labels:
+        cells = []
+        for m in models:
+            c = results["models"][m]["configs"][label]
+            cells += [f"{c['ms_per_step']:.1f}", f"{c['ratio_to_sgd']:.2f}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the table, write the JSON; returns the results."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/step_overhead.json")
+    p.add_argument("--models", default="digits,lm", help="comma list of digits,lm")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration")
+    p.add_argument("--steps", type=int, default=30,
+                   help="minimum steps per timed block (rounded up to the inverse period)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setups = {"digits": _mlp_setup, "lm": _lm_setup}
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not names or any(m not in setups for m in names):
+        p.error(f"--models {args.models!r}; accepted: comma list of {tuple(setups)}")
+
+    t0 = time.perf_counter()
+    results: dict[str, Any] = {
+        "command": "python benchmarks/step_overhead.py " + " ".join(argv or sys.argv[1:]),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "loadavg_before": os.getloadavg(), "repeats": args.repeats, "models": {},
+    }
+    for name in names:
+        results["models"][name] = bench_model(setups[name](args.seed), repeats=args.repeats,
+                                              base_steps=args.steps, seed=args.seed)
+        print(f"{name}: {results['models'][name]['model']} done "
+              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    results["loadavg_after"] = os.getloadavg()
+    results["wall_s"] = time.perf_counter() - t0
+    table = format_table(results)
+    results["table"] = table
+    print(table)
+    print(f"threads={results['threads']}  load average before/after "
+          f"{results['loadavg_before'][0]:.2f}/{results['loadavg_after'][0]:.2f}  "
+          f"wall {results['wall_s']:.0f} s")
+    for name, res in results["models"].items():
+        ratio = res["configs"]["kfac(10,100)"]["ratio_to_sgd"]
+        verdict = "met" if ratio <= 2.0 else "NOT met"
+        print(f"target K-FAC(10,100) <= 2x SGD on {name}: {ratio:.2f}x ({verdict})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Smoke tests of ``python -m kfac_optim.demo`` (in-process, tiny settings) and its data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from kfac_optim import KFACPreconditioner
+from kfac_optim.data import (
+    EOS_ID,
+    VOCAB_SIZE,
+    lm_batches,
+    lm_eval_chunks,
+    load_lm_data,
+    load_text_tokens,
+)
+from kfac_optim.demo import build_lm_model, load_digits_model, main, parse_args
+from kfac_optim.options import KFACOptions
+
+RUN_KEYS = {"final_train_loss", "final_val_loss", "wall_s", "ms_per_step", "train_loss_curve",
+            "val_curve", "hparams", "steps"}
+BASE_OPTIMIZER_KEYS = {"lr", "momentum", "weight_decay", "nesterov"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models are overhead-bound; one thread also avoids OpenMP spin-waiting when
+    the machine is shared (measured: several-fold slowdowns with 2 threads under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _fresh_preconditioner(model, hparams: dict) -> KFACPreconditioner:
+    """A preconditioner with the demo's K-FAC options (the base-update ones dropped)."""
+    fields = {f.name for f in dataclasses.fields(KFACOptions)}
+    kwargs = {k: v for k, v in hparams.items() if k in fields and k not in BASE_OPTIMIZER_KEYS}
+    return KFACPreconditioner(model, lr=hparams["lr"], **kwargs)
+
+
+def _check_results(out, task: str, steps: int) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == task
+    assert set(results["runs"]) == {"kfac", "adamw", "sgd"}
+    for name, run in results["runs"].items():
+        assert RUN_KEYS <= set(run), name
+        assert run["steps"] == steps and len(run["train_loss_curve"]) == steps
+        for key in ("final_train_loss", "final_val_loss", "wall_s", "ms_per_step"):
+            assert math.isfinite(run[key]) and run[key] >= 0, (name, key, run[key])
+        assert all(math.isfinite(v) for _, _, v in run["val_curve"])
+        assert run["val_curve"][0][0] == 0 and run["val_curve"][-1][0] == steps
+    assert results["env"]["torch"] == torch.__version__
+    png = out / results["plot"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return results
+
+
+def test_lm_demo_smoke(tmp_path, capsys):
+    from transformers import GPT2LMHeadModel
+
+    steps = 4
+    out = tmp_path / "lm"
+    main(["--task", "lm", "--steps", str(steps), "--eval-every", "2", "--n-layer", "1",
+          "--n-embd", "32", "--n-head", "2", "--seq-len", "16", "--batch-size", "4",
+          "--eval-chunks", "4", "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "val loss" in printed and "kfac" in printed and "ms/step" in printed
+    results = _check_results(out, "lm", steps)
+    assert results["config"]["n_embd"] == 32
+
+    model = GPT2LMHeadModel.from_pretrained(out / "kfac_model")
+    assert model.config.vocab_size == VOCAB_SIZE and model.config.n_embd == 32
+    ids = torch.randint(0, VOCAB_SIZE, (2, 16))
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+    state = torch.load(out / "kfac_preconditioner.pt", weights_only=False)
+    pre = _fresh_preconditioner(model, results["runs"]["kfac"]["hparams"])
+    pre.load_state_dict(state)
+    assert pre.state_dict()["steps"] == steps
+    assert "lm_head" in pre.layer_names  # the tied wte/lm_head matrix, with lm_head factors
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_digits_demo_smoke(tmp_path, kind):
+    steps = 5
+    out = tmp_path / kind
+    main(["--task", "digits", "--model", kind, "--hidden", "16", "--steps", str(steps),
+          "--eval-every", "2", "--out", str(out), "--no-progress"])
+    results = _check_results(out, "digits", steps)
+    for run in results["runs"].values():
+        assert 0.0 <= run["final_val_acc"] <= 1.0 and 0.0 <= run["final_train_acc"] <= 1.0
+
+    model = load_digits_model(out / "kfac_model")
+    assert model(torch.zeros(3, 64)).shape == (3, 10)
+    pre = _fresh_preconditioner(model, results["runs"]["kfac"]["hparams"])
+    pre.load_state_dict(torch.load(out / "kfac_preconditioner.pt", weights_only=False))
+    assert pre.state_dict()["steps"] == steps
+
+
+def test_lm_split_is_deterministic_and_disjoint():
+    tokens = load_text_tokens()
+    a, b = load_lm_data(), load_lm_data()
+    assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val)
+    # A contiguous partition of the stream: the held-out tail shares no position with
+    # the training head, and nothing is lost.
+    assert torch.equal(torch.cat([a.train, a.val]), tokens)
+    assert len(a.val) == pytest.approx(0.1 * len(tokens), abs=1)
+    assert 400_000 < len(tokens) < 600_000
+    assert int(tokens.min()) >= 0 and int(tokens.max()) == EOS_ID
+
+    # Training windows come from the head only, and are reproducible from the seed.
+    first = next(lm_batches(a.train, 8, 32, seed=3))
+    assert torch.equal(first, next(lm_batches(a.train, 8, 32, seed=3)))
+    assert not torch.equal(first, next(lm_batches(a.train, 8, 32, seed=4)))
+    chunks = lm_eval_chunks(a.val, 64)
+    assert torch.equal(chunks.reshape(-1), a.val[: chunks.numel()])
+    assert len(lm_eval_chunks(a.val, 64, max_chunks=10)) == 10
+
+
+def test_same_seed_same_initial_model():
+    torch.manual_seed(0)
+    m1 = build_lm_model(n_layer=1, n_embd=16, n_head=2, seq_len=8)
+    torch.manual_seed(0)
+    m2 = build_lm_model(n_layer=1, n_embd=16, n_head=2, seq_len=8)
+    assert m1.lm_head.weight is m1.transformer.wte.weight
+    for p1, p2 in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p1, p2)
+
+
+def test_bad_optimizer_list_is_refused():
+    with pytest.raises(SystemExit):
+        parse_args(["--optimizers", "kfac,lbfgs"])
+    assert parse_args(["--optimizers", "adamw, sgd"]).optimizers == ["adamw", "sgd"]
