@@ -27,6 +27,7 @@ cheaper.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -53,7 +54,7 @@ class TopEigenvalues(NamedTuple):
     layers: list[str]
 
 
-class FisherRepresentation:
+class FisherRepresentation(abc.ABC):
     """Abstract block-diagonal Fisher approximation over named layers.
 
     Attributes (set by subclasses):
@@ -77,6 +78,7 @@ class FisherRepresentation:
 
     # ------------------------------------------------------------ to implement
 
+    @abc.abstractmethod
     def eigenvalues(self, layer: str, k: int | None = None) -> Tensor:
         """Eigenvalues of one layer's block, descending.
 
@@ -92,11 +94,10 @@ class FisherRepresentation:
         Raises:
             ValueError: unknown ``layer``; ``k < 1``.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _layer_mvp(self, layer: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         """Block times the layer's parameter tensors (canonical names, rep dtype/device)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------ structure
 

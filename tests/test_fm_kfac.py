@@ -308,3 +308,45 @@ def test_tied_weight_aliases_and_float32():
     alias["lm_head.weight"] = alias.pop("transformer.wte.weight")
     assert torch.equal(rep.flatten(rep.mvp(alias)), rep.flatten(rep.mvp(v)))
     pre.remove()
+
+
+class DiagonalFisher(fm.FisherRepresentation):
+    """A minimal second implementation (diagonal blocks): only the two abstract methods."""
+
+    def __init__(self, diagonals):
+        self.layers = list(diagonals)
+        self.layer_params = {name: [name] for name in diagonals}
+        self.param_names = list(diagonals)
+        self.param_shapes = {name: d.shape for name, d in diagonals.items()}
+        self.aliases = {name: name for name in diagonals}
+        self.dtype, self.device = DTYPE, torch.device("cpu")
+        self.diagonals = diagonals
+
+    def eigenvalues(self, layer, k=None):
+        values = torch.sort(self.diagonals[self._check_layer(layer)].reshape(-1), descending=True)
+        return values.values if k is None else values.values[:k]
+
+    def _layer_mvp(self, layer, tensors):
+        return {layer: self.diagonals[layer] * tensors[layer]}
+
+
+def test_interface_defaults_on_a_diagonal_representation():
+    generator = torch.Generator().manual_seed(0)
+    diagonals = {
+        "w": torch.rand(3, 4, generator=generator, dtype=DTYPE),
+        "b": torch.rand(5, generator=generator, dtype=DTYPE),
+    }
+    rep = DiagonalFisher(diagonals)
+    dense = torch.diag(torch.cat([diagonals["w"].reshape(-1), diagonals["b"]]))
+    values = torch.linalg.eigvalsh(dense).flip(0)
+    assert rep.trace() == pytest.approx(float(dense.trace()), rel=1e-14)
+    assert rep.logdet(0.1) == pytest.approx(
+        float(torch.logdet(dense + 0.1 * torch.eye(17, dtype=DTYPE))), rel=1e-13
+    )
+    assert torch.equal(rep.top_k(4).values, values[:4])
+    assert torch.allclose(rep.as_operator().to_dense(), dense, rtol=0, atol=0)
+    delta = torch.randn(17, generator=generator, dtype=DTYPE)
+    assert rep.quadratic_form(delta) == pytest.approx(float(delta @ dense @ delta), rel=1e-13)
+    assert rep.capacity()["num_params"] == 17
+    with pytest.raises(TypeError):
+        fm.FisherRepresentation()
