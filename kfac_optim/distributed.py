@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["resolve_group", "world_size", "all_reduce_symmetric", "all_gather_columns",
-           "CommStats"]
+           "assign_greedy", "broadcast_tensors", "CommStats"]
 
 
 def resolve_group(process_group: Any) -> Any:
@@ -128,3 +128,58 @@ def all_gather_columns(block: Tensor, group: Any, *, comm_dtype: torch.dtype | N
         stats.add("low_rank_gather", padded.numel() * padded.element_size())
     dist.all_gather(parts, padded.contiguous(), group=group)
     return torch.cat([p[:, :w] for p, w in zip(parts, widths, strict=True)], 1).to(block.dtype)
+
+
+def assign_greedy(costs: dict[str, float], ranks: int) -> dict[str, int]:
+    """Owner rank of each item: largest cost first, to the least loaded rank (LPT rule).
+
+    Deterministic (ties broken by name) so every rank computes the same assignment.
+    """
+    load = [0.0] * ranks
+    owners = {}
+    for name, cost in sorted(costs.items(), key=lambda kv: (-kv[1], kv[0])):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += cost
+    return owners
+
+
+def broadcast_tensors(items: dict[str, dict[str, Any]] | None, src: int, group: Any,
+                      device: torch.device, stats: CommStats | None = None
+                      ) -> dict[str, dict[str, Any]]:
+    """Broadcast ``{name: {key: Tensor | plain value}}`` from rank ``src`` to every rank.
+
+    The structure (shapes, dtypes, plain values) travels first as a small object; tensors
+    then go in one flat buffer per dtype. Non-source ranks pass ``items=None``.
+    """
+    rank = dist.get_rank(group)
+    global_src = dist.get_global_rank(group, src) if group is not dist.group.WORLD else src
+    meta: list[Any] = [None]
+    if rank == src:
+        meta[0] = {n: {k: (("t", tuple(v.shape), v.dtype)
+                           if isinstance(v, Tensor) else ("v", v)) for k, v in d.items()}
+                   for n, d in items.items()}
+    dist.broadcast_object_list(meta, src=global_src, group=group)
+    layout = meta[0]
+    by_dtype: dict[torch.dtype, list[tuple[str, str, tuple]]] = {}
+    for n, d in layout.items():
+        for k, spec in d.items():
+            if spec[0] == "t":
+                by_dtype.setdefault(spec[2], []).append((n, k, spec[1]))
+    out = {n: {k: spec[1] for k, spec in d.items() if spec[0] == "v"} for n, d in layout.items()}
+    for dtype, entries in by_dtype.items():
+        if rank == src:
+            flat = torch.cat([items[n][k].reshape(-1) for n, k, _ in entries])
+        else:
+            numel = sum(int(torch.Size(shape).numel()) for _, _, shape in entries)
+            flat = torch.empty(numel, dtype=dtype, device=device)
+        if stats is not None:
+            stats.add("inverse_broadcast", flat.numel() * flat.element_size())
+        dist.broadcast(flat, src=global_src, group=group)
+        offset = 0
+        for n, k, shape in entries:
+            size = int(torch.Size(shape).numel())
+            out[n][k] = flat[offset: offset + size].reshape(shape).clone()
+            offset += size
+    return out
+

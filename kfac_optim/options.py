@@ -19,6 +19,7 @@ INVERSE_POLICIES = ("eig", "woodbury", "auto", "hybrid")
 LOSS_REDUCTIONS = ("mean", "sum")
 FACTOR_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
 INV_DTYPES = (None, torch.float32, torch.float64)
+INVERSE_WORKERS = ("replicate", "assign")
 STORE_DEVICES = ("auto", "cpu", "compute")
 
 
@@ -88,6 +89,7 @@ class KFACOptions:
     eigenvalue_correction: bool = False
     inv_device: Any = "auto"
     process_group: Any = "auto"
+    inverse_workers: str = "replicate"
     comm_dtype: torch.dtype | None = None
     grad_scaler: Any = None
 
@@ -120,6 +122,7 @@ class KFACOptions:
                              f"{self.max_condition_number!r}")
         self.inv_device = self._check_inv_device(self.inv_device)
         _check_choice("comm_dtype", self.comm_dtype, FACTOR_DTYPES)
+        _check_choice("inverse_workers", self.inverse_workers, INVERSE_WORKERS)
         if not isinstance(self.eigenvalue_correction, bool):
             raise TypeError("eigenvalue_correction must be a bool, got "
                             f"{self.eigenvalue_correction!r}")

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .distributed import CommStats, all_gather_columns, all_reduce_symmetric, resolve_group
+from .distributed import (
+    CommStats,
+    all_gather_columns,
+    all_reduce_symmetric,
+    assign_greedy,
+    broadcast_tensors,
+    resolve_group,
+)
 from .factors import (
     LowRankFactor,
     RunningFactor,
@@ -223,6 +230,10 @@ class KFACPreconditioner:
             layers), float32, float64, or bfloat16/float16 (accumulated in float32).
         inv_dtype: eigensolver dtype (None: the factor dtype; float64 is retried on
             failure in any case).
+        inverse_workers: with several ranks, ``"replicate"`` (every rank computes every
+            inverse: no communication) or ``"assign"`` (each layer's inverse computed by one
+            rank, greedy by cost, then broadcast: 1/R of the compute for the bytes of the
+            eigenbases; KAISA's trade-off, Pauloski et al. 2021).
         inv_device: eigensolver device: ``"auto"`` (the layer's), ``"cpu"`` or a CUDA
             device; results come back to the layer's device.
         eigenvalue_correction: EKFAC (George et al. 2018): running second moments of the
@@ -588,14 +599,20 @@ class KFACPreconditioner:
             layer.ekfac.update(batch, self.options.factor_decay)
 
     def _update_inverses(self) -> None:
-        for layer in self._layers.values():
-            if layer.a.ema is None or layer.g.updates == 0:
-                continue
-            inv = self._inverse(layer)
+        layers = [layer for layer in self._layers.values()
+                  if layer.a.ema is not None and layer.g.updates > 0]
+        if self._group is None or self.options.inverse_workers == "replicate":
+            results = {layer.capture.name: self._inverse(layer) for layer in layers}
+        else:
+            results = self._assigned_inverses(layers)
+        for layer in layers:
+            inv = results[layer.capture.name]
             if inv is None:
                 log.warning("K-FAC layer '%s': eigendecomposition failed in float64; keeping "
                             "the last good inverse", layer.capture.name)
                 continue
+            layer.diag["clipped_A"] = inv.pop("clipped_A")
+            layer.diag["clipped_G"] = inv.pop("clipped_G")
             layer.inv, layer.solver = inv, None
             layer.basis += 1
             s_g = inv.get("s_g")
@@ -608,6 +625,32 @@ class KFACPreconditioner:
             )
             log.info("K-FAC inverse update step=%d %s", self.steps, _fmt(self._describe(layer)))
 
+    def _assigned_inverses(self, layers: list[_Layer]) -> dict[str, dict | None]:
+        """``inverse_workers="assign"``: each layer's inverse is computed by one rank
+        (greedy by cost, O(d^3 + o^3) dense, O(d^3 + o k^2 + k^3) low-rank) and broadcast."""
+        import torch.distributed as dist
+
+        group = self._group
+        costs = {}
+        for layer in layers:
+            d, o = layer.capture.in_features, layer.capture.out_features
+            k = layer.g.rank if layer.low_rank else o
+            costs[layer.capture.name] = (0 if layer.capture.diagonal_a else d**3) + o * k * k
+        owners = assign_greedy(costs, dist.get_world_size(group))
+        rank = dist.get_rank(group)
+        mine = {layer.capture.name: self._inverse(layer) for layer in layers
+                if owners[layer.capture.name] == rank}
+        device = layers[0].capture.weight.device if layers else torch.device("cpu")
+        results: dict[str, dict | None] = {}
+        for src in range(dist.get_world_size(group)):
+            payload = None
+            if src == rank:
+                payload = {n: ({"failed": True} if inv is None else inv)
+                           for n, inv in mine.items()}
+            got = broadcast_tensors(payload, src, group, device, stats=self.comm)
+            results.update({n: None if inv.get("failed") else inv for n, inv in got.items()})
+        return results
+
     def _inverse(self, layer: _Layer) -> dict[str, Any] | None:
         opts, cap = self.options, layer.capture
         kappa = opts.max_condition_number
@@ -619,12 +662,11 @@ class KFACPreconditioner:
                 return None
             s_a, q_a = eig_a
         s_a, clipped_a = clip_condition(s_a, kappa)
-        layer.diag["clipped_A"] = clipped_a
         if layer.low_rank and opts.damping_mode == "factored":
             u = layer.g.factor()
             gram = u.t() @ u
-            layer.diag["clipped_G"] = 0
-            return {"s_a": s_a, "q_a": q_a, "u": u, "gram": gram, "trace_g": gram.trace()}
+            return {"s_a": s_a, "q_a": q_a, "u": u, "gram": gram, "trace_g": gram.trace(),
+                    "clipped_A": clipped_a, "clipped_G": 0}
         if layer.low_rank:
             eig_g = lowrank_eigh(layer.g.factor(), dtype=opts.inv_dtype, device=opts.inv_device)
         else:
@@ -636,8 +678,9 @@ class KFACPreconditioner:
         if q_g.shape[1] < q_g.shape[0] and kappa is not None and s_g.numel():
             rest = float(s_g.max()) / kappa  # the complement's 0 eigenvalue is clipped too
         s_g, clipped_g = clip_condition(s_g, kappa)
-        layer.diag["clipped_G"] = clipped_g + (q_g.shape[0] - q_g.shape[1] if rest else 0)
-        return {"s_a": s_a, "q_a": q_a, "s_g": s_g, "q_g": q_g, "s_g_rest": rest}
+        return {"s_a": s_a, "q_a": q_a, "s_g": s_g, "q_g": q_g, "s_g_rest": rest,
+                "clipped_A": clipped_a,
+                "clipped_G": clipped_g + (q_g.shape[0] - q_g.shape[1] if rest else 0)}
 
     def _precondition_layer(self, layer: _Layer, grad: Tensor, damping: float) -> Tensor:
         inv, cap = layer.inv, layer.capture

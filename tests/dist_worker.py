@@ -178,6 +178,11 @@ def main():
             results[f"{policy}-{mode}"] = compare_preconditioner(rank, inverse_policy=policy,
                                                                  damping_mode=mode)
     results["ekfac"] = compare_preconditioner(rank, eigenvalue_correction=True)
+    for policy in ("eig", "woodbury"):
+        for mode in ("exact", "factored"):
+            results[f"assign-{policy}-{mode}"] = compare_preconditioner(
+                rank, inverse_policy=policy, damping_mode=mode, inverse_workers="assign",
+                max_condition_number=1e4)
     results["comm_bfloat16"] = compare_preconditioner(rank, comm_dtype=torch.bfloat16)
     results["resume"] = resume(rank, out)
     for policy in ("eig", "woodbury"):

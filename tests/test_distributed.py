@@ -33,7 +33,9 @@ def results(tmp_path_factory):
 
 @pytest.mark.parametrize("scenario", ["eig-exact", "eig-factored", "woodbury-exact",
                                       "woodbury-factored", "ekfac", "fsdp-eig", "fsdp-woodbury",
-                                      "fsdp-before-shard"])
+                                      "fsdp-before-shard", "assign-eig-exact",
+                                      "assign-eig-factored", "assign-woodbury-exact",
+                                      "assign-woodbury-factored"])
 def test_two_ranks_equal_single_process(results, scenario):
     r = results[scenario]
     assert r["factors"] < 1e-12
@@ -62,3 +64,15 @@ def test_fsdp2_kfac_optimizer_matches_single_process(results):
     r = results["fsdp-kfac-steps"]
     assert r["sharded"]
     assert r["max_param_diff"] < 1e-12
+
+
+def test_assigned_inverses_broadcast(results):
+    assert results["assign-eig-exact"]["bytes"]["inverse_broadcast"] > 0
+
+
+def test_greedy_assignment_balances_cost():
+    from kfac_optim.distributed import assign_greedy
+
+    owners = assign_greedy({"a": 10.0, "b": 6.0, "c": 5.0, "d": 1.0}, 2)
+    assert owners == {"a": 0, "b": 1, "c": 1, "d": 0}
+    assert assign_greedy({"x": 1.0}, 3) == {"x": 0}
