@@ -1,0 +1,138 @@
+"""Bytes sent per factor update and step time at 1 vs 2 ranks (gloo, CPU).
+
+    python benchmarks/distributed.py [--steps 12] [--out benchmarks/results/distributed.json]
+
+Launches itself under ``torchrun`` with 1 and 2 processes. In each, on the demo GPT-2 LM
+(each rank: its own batch of ``--batch`` x ``--seq`` tokens), it times SGD-momentum (the
+baseline, same process), then K-FAC with ``factor_update_steps=1, inv_update_steps=--inv``
+for the variants below, and records what the preconditioner sent:
+
+- ``eig/replicate``: dense factors, packed upper triangles, every rank computes inverses;
+- ``eig/assign``: inverses computed by one rank each and broadcast;
+- ``woodbury/replicate`` (gather mode): column blocks of G gathered.
+
+"unpacked" is what full n x n float32 matrices would cost (the same reduction without
+packing). Ratios are K-FAC ms/step over SGD ms/step measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS = {
+    "eig/replicate": dict(inverse_policy="eig", inverse_workers="replicate"),
+    "eig/assign": dict(inverse_policy="eig", inverse_workers="assign"),
+    "woodbury/replicate": dict(inverse_policy="woodbury", inverse_workers="replicate"),
+}
+
+
+def worker(args) -> None:
+    import torch.distributed as dist
+
+    from kfac_optim import KFAC
+    from kfac_optim.data import load_lm_data
+    from kfac_optim.demo import build_lm_model
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    tokens = load_lm_data().train
+    g = torch.Generator().manual_seed(1000 + rank)
+
+    def batch():
+        starts = torch.randint(0, tokens.numel() - args.seq - 1, (args.batch,), generator=g)
+        return torch.stack([tokens[s: s + args.seq] for s in starts.tolist()])
+
+    def timed(make_opt, steps):
+        torch.manual_seed(0)
+        model = build_lm_model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        opt = make_opt(model)
+        times = []
+        for i in range(steps + 2):
+            ids = batch()
+            dist.barrier()
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            ddp(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            dist.barrier()
+            if i >= 2:  # warm-up excluded
+                times.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(times), opt
+
+    sgd_ms, _ = timed(lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                      args.steps)
+    rows = {"sgd": {"ms_per_step": sgd_ms, "ratio_to_sgd": 1.0}}
+    for name, kw in VARIANTS.items():
+        ms, opt = timed(lambda m, kw=kw: KFAC(m, lr=0.1, kl_clip=1e-3, factor_update_steps=1,
+                                               inv_update_steps=args.inv, **kw), args.steps)
+        pre = opt.preconditioner
+        updates = pre.steps  # one factor update per step
+        unpacked = 4 * sum(
+            layer.capture.in_features ** (1 if layer.capture.diagonal_a else 2)
+            + (0 if layer.low_rank else layer.capture.out_features ** 2)
+            for layer in pre._layers.values())
+        rows[name] = {
+            "ms_per_step": ms, "ratio_to_sgd": ms / sgd_ms,
+            "bytes_per_factor_update": {k: v / updates for k, v in pre.comm.bytes.items()},
+            "unpacked_dense_bytes": unpacked if world > 1 else 0,
+        }
+    if rank == 0:
+        Path(args.part).write_text(json.dumps({"world_size": world, "rows": rows}))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--inv", type=int, default=10)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--out", default="benchmarks/results/distributed.json")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--part", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo",
+               PYTHONPATH=str(root))
+    results = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "runs": {}}
+    for world in (1, 2):
+        part = Path(args.out).with_suffix(f".part{world}.json")
+        part.parent.mkdir(parents=True, exist_ok=True)
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // world))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={world}", __file__, "--worker", "--part", str(part),
+               "--steps", str(args.steps), "--inv", str(args.inv), "--batch", str(args.batch),
+               "--seq", str(args.seq)]
+        subprocess.run(cmd, env=env, check=True, cwd=root, capture_output=True)
+        results["runs"][world] = json.loads(part.read_text())
+        part.unlink()
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"{'ranks':>5} {'variant':<20} {'ms/step':>9} {'x SGD':>6} {'dense B/upd':>12} "
+          f"{'unpacked B':>11} {'gather B/upd':>13} {'inv bcast B/upd':>16}")
+    for world, run in results["runs"].items():
+        for name, row in run["rows"].items():
+            b = row.get("bytes_per_factor_update", {})
+            print(f"{world:>5} {name:<20} {row['ms_per_step']:>9.1f} {row['ratio_to_sgd']:>6.2f} "
+                  f"{b.get('dense', 0):>12.0f} {row.get('unpacked_dense_bytes', 0):>11.0f} "
+                  f"{b.get('low_rank_gather', 0):>13.0f} {b.get('inverse_broadcast', 0):>16.0f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
