@@ -20,6 +20,10 @@ Public API:
 - :func:`compare_hessian_fisher`: top Hessian vs Fisher eigenvalues and ratios.
 - :func:`report`: post-hoc per-layer / whole-model report (JSON, Markdown,
   HTML); also ``python -m fisher_metrics report``.
+- :mod:`~fisher_metrics.diagonal` / :mod:`~fisher_metrics.groups`:
+  ``DiagonalFisher`` (empirical / MC / GGN diagonal from per-row squared
+  gradients; one-shot, EMA, Welford; one per task) and ``GroupFisher``
+  (per output channel / attention head, GQA-aware).
 
 This package never imports ``kfac_optim``.
 """
@@ -34,7 +38,9 @@ from .capacity import (
     spectral_trace,
 )
 from .compare import compare_hessian_fisher
+from .diagonal import DiagonalFisher, DiagonalFisherCollector, per_row_gradients
 from .eigenvalues import top_eigenvalues
+from .groups import AttentionSpec, GroupFisher, attention_layers, gqa_kv_head, param_groupings
 from .kfac import KFACFisher
 from .lanczos import LanczosResult, SpectralDensity, gaussian_density, lanczos, slq
 from .operators import (
@@ -57,14 +63,18 @@ from .spectrum import gram_eigenvalues
 from .trace import TraceEstimate, hutch_plus_plus, hutchinson
 
 __all__ = [
+    "AttentionSpec",
     "CURVATURES",
     "CallableOperator",
     "CurvatureOperator",
     "DenseOperator",
+    "DiagonalFisher",
+    "DiagonalFisherCollector",
     "EmpiricalFisherOperator",
     "FisherMCOperator",
     "FisherRepresentation",
     "GGNOperator",
+    "GroupFisher",
     "HessianOperator",
     "KFACFisher",
     "LanczosResult",
@@ -74,18 +84,22 @@ __all__ = [
     "TopEigenvalues",
     "TraceEstimate",
     "as_operator",
+    "attention_layers",
     "build_report",
     "capacity_metrics",
     "compare_hessian_fisher",
     "condition_number",
     "effective_rank",
     "gaussian_density",
+    "gqa_kv_head",
     "gram_eigenvalues",
     "hutch_plus_plus",
     "hutchinson",
     "lanczos",
     "make_operator",
     "pac_bayes_flatness",
+    "param_groupings",
+    "per_row_gradients",
     "report",
     "resolve_parameters",
     "slq",
