@@ -24,6 +24,8 @@ Public API:
   ``DiagonalFisher`` (empirical / MC / GGN diagonal from per-row squared
   gradients; one-shot, EMA, Welford; one per task) and ``GroupFisher``
   (per output channel / attention head, GQA-aware).
+- :mod:`~fisher_metrics.forgetting`: ``forgetting_damage``, ``symmetric_damage``,
+  ``fisher_overlap``, ``ewc_penalty``, ``OnlineEWC``, ``kfac_laplace_penalty``.
 
 This package never imports ``kfac_optim``.
 """
@@ -40,6 +42,14 @@ from .capacity import (
 from .compare import compare_hessian_fisher
 from .diagonal import DiagonalFisher, DiagonalFisherCollector, per_row_gradients
 from .eigenvalues import top_eigenvalues
+from .forgetting import (
+    OnlineEWC,
+    ewc_penalty,
+    fisher_overlap,
+    forgetting_damage,
+    kfac_laplace_penalty,
+    symmetric_damage,
+)
 from .groups import AttentionSpec, GroupFisher, attention_layers, gqa_kv_head, param_groupings
 from .kfac import KFACFisher
 from .lanczos import LanczosResult, SpectralDensity, gaussian_density, lanczos, slq
@@ -79,6 +89,7 @@ __all__ = [
     "KFACFisher",
     "LanczosResult",
     "LinearOperator",
+    "OnlineEWC",
     "RepresentationOperator",
     "SpectralDensity",
     "TopEigenvalues",
@@ -90,11 +101,15 @@ __all__ = [
     "compare_hessian_fisher",
     "condition_number",
     "effective_rank",
+    "ewc_penalty",
+    "fisher_overlap",
+    "forgetting_damage",
     "gaussian_density",
     "gqa_kv_head",
     "gram_eigenvalues",
     "hutch_plus_plus",
     "hutchinson",
+    "kfac_laplace_penalty",
     "lanczos",
     "make_operator",
     "pac_bayes_flatness",
@@ -106,5 +121,6 @@ __all__ = [
     "spectral_gap",
     "spectral_range",
     "spectral_trace",
+    "symmetric_damage",
     "top_eigenvalues",
 ]
