@@ -26,6 +26,8 @@ Public API:
   (per output channel / attention head, GQA-aware).
 - :mod:`~fisher_metrics.forgetting`: ``forgetting_damage``, ``symmetric_damage``,
   ``fisher_overlap``, ``ewc_penalty``, ``OnlineEWC``, ``kfac_laplace_penalty``.
+- :mod:`~fisher_metrics.importance`: ``pruning_masks``, ``scale_by_fisher``,
+  ``detect_conflicts``, ``qkov_interference``.
 
 This package never imports ``kfac_optim``.
 """
@@ -51,6 +53,13 @@ from .forgetting import (
     symmetric_damage,
 )
 from .groups import AttentionSpec, GroupFisher, attention_layers, gqa_kv_head, param_groupings
+from .importance import (
+    detect_conflicts,
+    pruning_masks,
+    qkov_interference,
+    scale_by_fisher,
+    task_gradient,
+)
 from .kfac import KFACFisher
 from .lanczos import LanczosResult, SpectralDensity, gaussian_density, lanczos, slq
 from .operators import (
@@ -100,6 +109,7 @@ __all__ = [
     "capacity_metrics",
     "compare_hessian_fisher",
     "condition_number",
+    "detect_conflicts",
     "effective_rank",
     "ewc_penalty",
     "fisher_overlap",
@@ -115,12 +125,16 @@ __all__ = [
     "pac_bayes_flatness",
     "param_groupings",
     "per_row_gradients",
+    "pruning_masks",
+    "qkov_interference",
     "report",
     "resolve_parameters",
+    "scale_by_fisher",
     "slq",
     "spectral_gap",
     "spectral_range",
     "spectral_trace",
     "symmetric_damage",
+    "task_gradient",
     "top_eigenvalues",
 ]
