@@ -1,0 +1,185 @@
+"""Per-rank K-FAC factor memory and communication for large models, from layer shapes.
+
+    python benchmarks/scale_model.py [--tokens-per-rank 4096] [--validate]
+
+The byte model is the one ``kfac_optim`` implements (``kfac_optim/distributed.py``):
+
+- dense factors (A, and G on the eig path): one all-reduce per factor update of the packed
+  upper triangles, n (n + 1) / 2 values per n x n factor, float32 (or ``comm_dtype``);
+- Woodbury G (gather mode): an all-gather of every rank's o x T_r column block;
+- ``inverse_workers="assign"``: each rank broadcasts the eigenbases it computed
+  (d^2 + d + o^2 + o values per dense layer), every rank receives all of them.
+
+"buffer" is the size of the tensor handed to the collective (what ``pre.comm`` records);
+"sent" is what one rank puts on the wire with ring algorithms: all-reduce 2 (R-1)/R x
+buffer, all-gather (R-1) x its block, broadcast (R-1)/R x buffer on average. Memory per rank:
+running factors + eigenbases (eig: 2 (d^2 + o^2) floats) or U (o x k) + k x k Gram
+(Woodbury), replicated on every rank (DDP and FSDP alike in this version).
+
+Validation: the same formulas applied to the demo LM at 2 ranks are compared with the buffer
+bytes ``pre.comm`` records in a real 2-process run (``--validate``, ~1 minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+F32 = 4
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    d: int  # inputs (+1 with bias)
+    o: int  # outputs
+    count: int = 1
+
+
+def gpt2_124m(vocab=50257):
+    e = 769  # 768 + bias
+    block = [Layer("c_attn", e, 2304), Layer("attn.c_proj", e, 768), Layer("c_fc", e, 3072),
+             Layer("mlp.c_proj", 3073, 768)]
+    return [Layer(x.name, x.d, x.o, 12) for x in block] + [Layer("lm_head", 768, vocab)]
+
+
+def llama(d, layers, mlp, kv, vocab):
+    block = [Layer("q_proj", d, d), Layer("k_proj", d, kv), Layer("v_proj", d, kv),
+             Layer("o_proj", d, d), Layer("gate_proj", d, mlp), Layer("up_proj", d, mlp),
+             Layer("down_proj", mlp, d)]
+    return [Layer(x.name, x.d, x.o, layers) for x in block] + [Layer("lm_head", d, vocab)]
+
+
+MODELS = {
+    "gpt2-124m": gpt2_124m(),
+    "llama-7b": llama(4096, 32, 11008, 4096, 32000),
+    "llama-7b-128k-vocab": llama(4096, 32, 11008, 4096, 128256),
+    "llama-70b": llama(8192, 80, 28672, 1024, 32000),
+    "llama-70b-128k-vocab": llama(8192, 80, 28672, 1024, 128256),
+}
+
+
+def tri(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def per_rank(layers, ranks: int, tokens_per_rank: int, woodbury_min_out: int | None,
+             assign: bool, max_rank: int = 8192) -> dict:
+    """Bytes for one factor update (and memory) per rank. Woodbury for o >= woodbury_min_out
+    while the T_global columns of one update fit under ``max_rank`` (``woodbury_max_rank``:
+    past it the layer falls back to a dense G, as the preconditioner does)."""
+    dense_buf = gather_block = inv_bcast = memory = 0
+    t_global = tokens_per_rank * ranks
+    woodbury_layers = 0
+    for layer in layers:
+        low = (woodbury_min_out is not None and layer.o >= woodbury_min_out
+               and t_global <= max_rank)
+        woodbury_layers += layer.count * low
+        dense_buf += layer.count * (tri(layer.d) + (0 if low else tri(layer.o))) * F32
+        memory += layer.count * 2 * layer.d**2 * F32  # A and its eigenbasis
+        if low:
+            gather_block += layer.count * layer.o * tokens_per_rank * F32
+            memory += layer.count * (layer.o * t_global + t_global**2) * F32
+        else:
+            memory += layer.count * 2 * layer.o**2 * F32
+            inv_bcast += layer.count * (layer.d**2 + layer.d + layer.o**2 + layer.o) * F32
+    r = ranks
+    sent = 2 * (r - 1) / r * dense_buf + (r - 1) * gather_block
+    if assign:
+        sent += (r - 1) / r * inv_bcast
+    return {"woodbury_layers": woodbury_layers,
+            "dense_buffer_bytes": dense_buf, "gather_block_bytes": gather_block,
+            "inverse_broadcast_bytes": inv_bcast if assign else 0,
+            "sent_bytes_per_update": sent, "factor_memory_bytes": memory}
+
+
+def demo_layers():
+    """The demo LM's preconditioned layers as ``Layer`` shapes, the names of those with a
+    diagonal A, and of positional tables (found by one real step, as at run time)."""
+    import torch
+
+    from kfac_optim import KFACPreconditioner
+    from kfac_optim.demo import build_lm_model
+
+    model = build_lm_model()
+    pre = KFACPreconditioner(model, kl_clip=None)
+    ids = torch.randint(0, 256, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    layers = list(pre._layers.values())
+    out = [Layer(la.capture.name, la.capture.in_features, la.capture.out_features)
+           for la in layers]
+    diagonal = {la.capture.name for la in layers if la.capture.diagonal_a}
+    positional = {la.capture.name for la in layers if la.positional}
+    return out, diagonal, positional
+
+
+def validate() -> dict:
+    """Model vs measured buffer bytes at 2 ranks (benchmarks/distributed.py's worker)."""
+    root = Path(__file__).resolve().parent.parent
+    out = root / "benchmarks" / "results" / "scale_validate.json"
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo",
+               PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(root / "benchmarks" / "distributed.py"), "--worker", "--part", str(out),
+           "--steps", "2", "--inv", "10", "--batch", "16", "--seq", "64"]
+    subprocess.run(cmd, env=env, check=True, cwd=root, capture_output=True)
+    measured = json.loads(out.read_text())["rows"]
+    out.unlink()
+    layers, diagonal, positional = demo_layers()
+    # diagonal A (Embedding) is a vector of d values, not a triangle
+    dense = sum((layer.d if layer.name in diagonal else tri(layer.d)) + tri(layer.o)
+                for layer in layers) * F32
+    model = {"eig/replicate": {"dense": dense},
+             "woodbury/replicate": {
+                 "dense": dense - sum(tri(la.o) for la in layers) * F32,
+                 "low_rank_gather": sum(la.o for la in layers if la.name not in positional)
+                 * 16 * 64 * F32}}
+    report = {}
+    for name, expected in model.items():
+        got = measured[name]["bytes_per_factor_update"]
+        report[name] = {k: {"model": v, "measured": got.get(k)} for k, v in expected.items()}
+    return report
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens-per-rank", type=int, default=4096)
+    p.add_argument("--woodbury-min-out", type=int, default=16384,
+                   help="hybrid policy threshold for the Woodbury rows")
+    p.add_argument("--validate", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/scale_model.json")
+    args = p.parse_args()
+    results = {"tokens_per_rank": args.tokens_per_rank, "rows": []}
+    print(f"{'model':<22} {'ranks':>5} {'policy':<16} {'woodbury':>8} {'memory GiB':>10} "
+          f"{'sent MiB/update':>16} {'dense buf MiB':>14} {'gather blk MiB':>15}")
+    for model, layers in MODELS.items():
+        for ranks in (1, 8, 64, 1024):
+            for policy, wmin, assign in (("eig/replicate", None, False),
+                                         ("eig/assign", None, True),
+                                         ("hybrid/replicate", args.woodbury_min_out, False)):
+                row = per_rank(layers, ranks, args.tokens_per_rank, wmin, assign)
+                row.update(model=model, ranks=ranks, policy=policy)
+                results["rows"].append(row)
+                print(f"{model:<22} {ranks:>5} {policy:<16} {row['woodbury_layers']:>8} "
+                      f"{row['factor_memory_bytes'] / 2**30:>10.1f} "
+                      f"{row['sent_bytes_per_update'] / 2**20:>16.0f} "
+                      f"{row['dense_buffer_bytes'] / 2**20:>14.0f} "
+                      f"{row['gather_block_bytes'] / 2**20:>15.0f}")
+    if args.validate:
+        results["validation_2_ranks"] = validate()
+        print("validation at 2 ranks (buffer bytes per factor update, model vs measured):")
+        for name, kinds in results["validation_2_ranks"].items():
+            for kind, v in kinds.items():
+                print(f"  {name:<20} {kind:<16} model {v['model']:>10} measured {v['measured']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
