@@ -78,6 +78,7 @@ __all__ = [
     "FISHER_TYPES",
     "MODES",
     "PER_SAMPLE",
+    "RowGradients",
     "per_row_gradients",
 ]
 
@@ -258,6 +259,10 @@ def per_row_gradients(
         per_sample: one of :data:`PER_SAMPLE`.
         chunk_size: vectorise at most this many samples (``"vmap"``) or row
             outputs (``"rows"``) at once (``None``: all); bounds peak memory.
+
+    Cost: one forward per batch to read the row layout, then the vectorised
+    per-row backward passes; memory ``R_b x K x n`` per batch (``chunk_size``
+    bounds the vectorised working set, not the result).
 
     Returns:
         One :class:`RowGradients` per batch (empty list when no row is valid).
