@@ -237,25 +237,24 @@ def symmetric_damage(
 # --------------------------------------------------------------------------- overlap
 
 
+def _g_inner(x: dict, y: dict) -> float:
+    """``tr(G_x G_y)`` for dense ``G`` or low-rank ``G = U U^T`` factors."""
+    if x["U"] is None and y["U"] is None:
+        return float((x["G"] * y["G"]).sum())  # symmetric: tr(P Q) = sum(P * Q)
+    if x["U"] is not None and y["U"] is not None:
+        return float((x["U"].T @ y["U"]).square().sum())  # tr(U U^T V V^T) = ||U^T V||_F^2
+    dense, u = (y["G"], x["U"]) if x["U"] is not None else (x["G"], y["U"])
+    return float((u * (dense @ u)).sum())  # tr(G U U^T) = sum(U * G U)
+
+
 def _kfac_inner(fa: KFACFisher, fb: KFACFisher | None, layer: str) -> float:
-    """``<A_a (x) G_a, A_b (x) G_b>_F = tr(A_a A_b) tr(G_a G_b)`` (``fb=None``: squared norm)."""
+    """``<A_a (x) G_a, A_b (x) G_b>_F = tr(A_a A_b) tr(G_a G_b)`` (``fb=None``: squared norm).
+
+    A diagonal ``A`` (Embedding) is a vector: ``sum(a_a * a_b)`` is the same trace.
+    """
     x = fa.factors(layer)
     y = x if fb is None else fb.factors(layer)
-
-    def a_inner(p, q):
-        return float((p * q).sum())  # symmetric: tr(P Q) = sum(P * Q); diagonal A as vectors
-
-    def g_inner(p, q):
-        if p["U"] is None and q["U"] is None:
-            return float((p["G"] * q["G"]).sum())
-        up = p["U"] if p["U"] is not None else None
-        uq = q["U"] if q["U"] is not None else None
-        if up is not None and uq is not None:
-            return float((up.T @ uq).square().sum())  # tr(U U^T V V^T) = ||U^T V||_F^2
-        dense, low = (q["G"], up) if up is not None else (p["G"], uq)
-        return float((low * (dense @ low)).sum())  # tr(G V V^T) = sum(V * G V)
-
-    return a_inner(x["A"], y["A"]) * g_inner(x, y)
+    return float((x["A"] * y["A"]).sum()) * _g_inner(x, y)
 
 
 def fisher_overlap(fisher_a: FisherRepresentation, fisher_b: FisherRepresentation) -> dict:
@@ -293,13 +292,10 @@ def fisher_overlap(fisher_a: FisherRepresentation, fisher_b: FisherRepresentatio
     )
     if all(kfac):
         layers = list(dict.fromkeys([*fisher_a.layers, *fisher_b.layers]))
-        inner = {
-            l: _kfac_inner(fisher_a, fisher_b, l)
-            for l in layers
-            if l in fisher_a.layers and l in fisher_b.layers
-        }
-        norm_a = {l: _kfac_inner(fisher_a, None, l) for l in fisher_a.layers}
-        norm_b = {l: _kfac_inner(fisher_b, None, l) for l in fisher_b.layers}
+        common = [layer for layer in fisher_a.layers if layer in fisher_b.layers]
+        inner = {layer: _kfac_inner(fisher_a, fisher_b, layer) for layer in common}
+        norm_a = {layer: _kfac_inner(fisher_a, None, layer) for layer in fisher_a.layers}
+        norm_b = {layer: _kfac_inner(fisher_b, None, layer) for layer in fisher_b.layers}
     elif all(diag) and not any(kfac):
         da, db = fisher_a.diagonal(), fisher_b.diagonal()
 
@@ -326,7 +322,8 @@ def fisher_overlap(fisher_a: FisherRepresentation, fisher_b: FisherRepresentatio
         return 0.0 if a <= 0 or b <= 0 else i / (a * b) ** 0.5
 
     per_layer = {
-        l: cosine(inner.get(l, 0.0), norm_a.get(l, 0.0), norm_b.get(l, 0.0)) for l in layers
+        layer: cosine(inner.get(layer, 0.0), norm_a.get(layer, 0.0), norm_b.get(layer, 0.0))
+        for layer in layers
     }
     total = cosine(sum(inner.values()), sum(norm_a.values()), sum(norm_b.values()))
     return {"overlap": total, "per_layer": per_layer}

@@ -36,7 +36,8 @@ class Net(nn.Module):
         return self.head(torch.tanh(self.fc(x)))
 
 
-def kfac_setup(seed=0):
+def kfac_setup(seed=0, policy="hybrid"):
+    """Two K-FAC steps; ``"hybrid"``: fc (o = 5) keeps a low-rank G (4 columns), head a dense G."""
     torch.manual_seed(seed)
     model = Net().to(DTYPE)
     pre = kfac_optim.KFACPreconditioner(
@@ -44,7 +45,7 @@ def kfac_setup(seed=0):
         kl_clip=None,
         factor_update_steps=1,
         factor_decay=0.9,
-        inverse_policy="hybrid",
+        inverse_policy=policy,
         hybrid_min_out=5,
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -227,8 +228,9 @@ def test_symmetric_damage_and_overlap():
     assert 0.0 < overlap["per_layer"]["0"] < 1.0
     # K-FAC: cosine of the dense block-diagonal matrices
     model_a, pre_a = kfac_setup(0)
-    model_b, pre_b = kfac_setup(3)
+    model_b, pre_b = kfac_setup(3, policy="eig")  # dense G on fc: the mixed low-rank/dense path
     ka, kb = fm.KFACFisher.from_preconditioner(pre_a), fm.KFACFisher.from_preconditioner(pre_b)
+    assert ka.factors("fc")["low_rank"] and not kb.factors("fc")["low_rank"]
     blocks_a = {n: torch.kron(*dense_factors(e)) for n, e in pre_a.state_dict()["layers"].items()}
     blocks_b = {n: torch.kron(*dense_factors(e)) for n, e in pre_b.state_dict()["layers"].items()}
     got = fm.fisher_overlap(ka, kb)
