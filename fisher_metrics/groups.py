@@ -59,7 +59,9 @@ __all__ = [
     "GroupScore",
     "Grouping",
     "attention_layers",
+    "diagonal_of",
     "gqa_kv_head",
+    "head_scores",
     "param_groupings",
 ]
 
@@ -413,14 +415,41 @@ def attention_layers(model: nn.Module, *, num_heads: int | None = None) -> list[
 # --------------------------------------------------------------------------- representation
 
 
-def _diagonal_of(fisher: object) -> dict[str, Tensor]:
+def diagonal_of(fisher: object, argname: str = "fisher") -> dict[str, Tensor]:
+    """``{parameter name: F_ii}`` (detached) of a DiagonalFisher / GroupFisher.
+
+    Raises:
+        TypeError: ``fisher`` is not a representation with ``.diagonal()``.
+    """
     diagonal = getattr(fisher, "diagonal", None)
     if isinstance(fisher, FisherRepresentation) and callable(diagonal):
-        return diagonal()
+        return {name: value.detach() for name, value in diagonal().items()}
     raise TypeError(
-        "fisher must be a DiagonalFisher or GroupFisher (a representation with .diagonal()); "
+        f"{argname} must be a DiagonalFisher or GroupFisher (a representation with .diagonal()); "
         f"got {type(fisher).__name__}"
     )
+
+
+def head_scores(spec: AttentionSpec, flat: Mapping[str, Tensor]) -> Tensor:
+    """Per query head: ``I_h = Q[h] + O[h] + (K[kv(h)] + V[kv(h)]) / (H / H_kv)``, ``(H,)`` float64.
+
+    Args:
+        spec: the attention layer.
+        flat: ``{parameter name: flattened "|head" group values}`` for the
+            parameters of ``spec.blocks`` (offsets as in :class:`AttentionSpec`).
+
+    A shared key/value head is split evenly among the ``H / H_kv`` query heads
+    that read it (``kv(h) = floor(h / (H / H_kv))``), so ``sum_h I_h`` is the total.
+    """
+    share = spec.num_heads // spec.num_kv_heads
+    heads = torch.arange(spec.num_heads)
+    total = torch.zeros(spec.num_heads, dtype=torch.float64)
+    for block, params in spec.blocks.items():
+        shared = block in ("K", "V")
+        index = heads // share if shared else heads
+        for name, offset in params:
+            total += flat[name].to("cpu", torch.float64)[offset + index] / (share if shared else 1)
+    return total
 
 
 class GroupFisher(FisherRepresentation):
@@ -491,7 +520,7 @@ class GroupFisher(FisherRepresentation):
             ValueError: a parameter of ``fisher`` is not one of ``model``'s (or
                 has another shape); see :func:`param_groupings`.
         """
-        diagonal = _diagonal_of(fisher)
+        diagonal = diagonal_of(fisher)
         groupings, specs = param_groupings(model, attention=attention, num_heads=num_heads)
         lookup = dict(model.named_parameters())
         chosen, values = {}, {}
@@ -594,20 +623,8 @@ class GroupFisher(FisherRepresentation):
         split evenly among the query heads that read it, so ``sum_h I_h`` is the
         Fisher trace of the head-grouped projection parameters.
         """
-        out = {}
-        for spec in self.attention:
-            share = spec.num_heads // spec.num_kv_heads
-            heads = torch.arange(spec.num_heads)
-            kv = heads // share
-            total = torch.zeros(spec.num_heads, dtype=torch.float64)
-            for block, params in spec.blocks.items():
-                index = kv if block in ("K", "V") else heads
-                scale = 1.0 / share if block in ("K", "V") else 1.0
-                for name, offset in params:
-                    flat = self.values[self.keys[name]].reshape(-1)
-                    total += scale * flat[offset + index]
-            out[spec.name] = total
-        return out
+        flat = {name: self.values[key].reshape(-1) for name, key in self.keys.items()}
+        return {spec.name: head_scores(spec, flat) for spec in self.attention}
 
     def top_heads(self, k: int) -> list[GroupScore]:
         """The ``k`` most important query heads over all attention layers (:meth:`head_importance`).

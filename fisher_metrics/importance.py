@@ -26,7 +26,7 @@ from torch.func import grad
 
 from ._validation import check_choice, check_positive_float
 from .diagonal import _build_operator, per_row_gradients
-from .groups import BLOCKS, AttentionSpec, Grouping, param_groupings
+from .groups import BLOCKS, Grouping, diagonal_of, head_scores, param_groupings
 from .kfac import layer_kind
 from .operators import _evaluation_mode, resolve_parameters
 from .representation import FisherRepresentation
@@ -53,15 +53,6 @@ CONFLICT_STRUCTURES = ("param", "channel", "head")
 AGGREGATES = ("mean", "sum")
 VARIANTS = ("signed", "unsigned", "symmetric")
 FISHER_POOLS = ("A", "B", "pooled")
-
-
-def _diagonal(fisher: object, argname: str = "fisher") -> dict[str, Tensor]:
-    if isinstance(fisher, FisherRepresentation) and callable(getattr(fisher, "diagonal", None)):
-        return {n: v.detach() for n, v in fisher.diagonal().items()}
-    raise TypeError(
-        f"{argname} must be a DiagonalFisher or GroupFisher (per-entry F_ii); got "
-        f"{type(fisher).__name__}"
-    )
 
 
 def _check_model(model: object) -> nn.Module:
@@ -145,7 +136,7 @@ def pruning_masks(
         TypeError / ValueError: bad arguments, naming them; ``model`` missing
             when needed; no attention layer for ``"head"``.
     """
-    diagonal = _diagonal(fisher)
+    diagonal = diagonal_of(fisher)
     sparsity = check_positive_float("sparsity", sparsity, allow_zero=True)
     if sparsity >= 1.0:
         raise ValueError(f"sparsity must lie in [0, 1); got {sparsity}")
@@ -188,7 +179,7 @@ def pruning_masks(
     specs = [s for s in specs if all(p in scores for b in s.blocks.values() for p, _ in b)]
     if not specs:
         raise ValueError("structure='head' found no attention layer covered by the Fisher")
-    units = [_head_scores(spec, groupings, scores) for spec in specs]
+    units = [_head_units(spec, groupings, scores) for spec in specs]
     kept = _prune_units(units, list(range(len(specs))), sparsity, scope)
     group_keep: dict[str, Tensor] = {}
     for keep, spec in zip(kept, specs, strict=True):
@@ -206,23 +197,17 @@ def pruning_masks(
     return masks
 
 
+def _head_units(spec, groupings: dict[str, Grouping], scores: dict[str, Tensor]) -> Tensor:
+    """``(H,)`` head-unit scores of one attention layer (:func:`.groups.head_scores`)."""
+    names = {name for params in spec.blocks.values() for name, _ in params}
+    flat = {n: groupings[n].reduce(scores[n].double().cpu()).reshape(-1) for n in names}
+    return head_scores(spec, flat)
+
+
 def _own_parameters(model: nn.Module, module: nn.Module) -> list[str]:
     """Names (in ``model``) of ``module``'s own parameters."""
     ids = {id(p) for p in module.parameters(recurse=False)}
     return [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids]
-
-
-def _head_scores(spec: AttentionSpec, groupings: dict[str, Grouping], scores) -> Tensor:
-    """``(H,)`` unit scores: Q and O slices of each head plus its share of its K / V head."""
-    share = spec.num_heads // spec.num_kv_heads
-    heads = torch.arange(spec.num_heads)
-    total = torch.zeros(spec.num_heads, dtype=torch.float64)
-    for block, params in spec.blocks.items():
-        index = heads // share if block in ("K", "V") else heads
-        for name, offset in params:
-            flat = groupings[name].reduce(scores[name].double().cpu()).reshape(-1)
-            total += flat[offset + index] / (share if block in ("K", "V") else 1)
-    return total
 
 
 # --------------------------------------------------------------------------- scaling
@@ -259,7 +244,7 @@ def scale_by_fisher(
         TypeError / ValueError: bad ``fisher``, ``damping``, ``power``; a covered
             parameter of a model without ``.grad``.
     """
-    diagonal = _diagonal(fisher)
+    diagonal = diagonal_of(fisher)
     damping = check_positive_float("damping", damping, allow_zero=True)
     if isinstance(power, bool) or not isinstance(power, (int, float)) or not math.isfinite(power):
         raise TypeError(f"power must be a finite real number; got {power!r}")
@@ -533,13 +518,13 @@ def qkov_interference(
     ridge = check_positive_float("ridge", ridge, allow_zero=True)
     rel_ridge = check_positive_float("rel_ridge", rel_ridge, allow_zero=True)
     eps = check_positive_float("eps", eps, allow_zero=True)
-    diag_a = _diagonal(fisher_a, "fisher_a")
+    diag_a = diagonal_of(fisher_a, "fisher_a")
     needs_b = fisher_pool != "A" or variant == "symmetric"
     if fisher_b is None and needs_b:
         raise ValueError(
             f"fisher_b is required for fisher_pool={fisher_pool!r} / variant={variant!r}"
         )
-    diag_b = _diagonal(fisher_b, "fisher_b") if fisher_b is not None else None
+    diag_b = diagonal_of(fisher_b, "fisher_b") if fisher_b is not None else None
     for argname, g in (("grad_a", grad_a), ("grad_b", grad_b)):
         if not isinstance(g, Mapping):
             raise TypeError(f"{argname} must be a dict {{parameter name: gradient}}")
