@@ -47,7 +47,9 @@ Accumulation modes of :class:`DiagonalFisherCollector` (per task key):
   standard error ``sqrt(var / R)`` of each ``F_ii`` (e.g. the sampling error of
   the MC Fisher). Same mean as ``"oneshot"``, numerically more stable.
 
-Units: ``F_ii`` in loss per squared parameter unit; ``delta^T F delta`` in loss units.
+The model is evaluated in eval mode (dropout off) at its current parameters,
+as for the curvature operators. Units: ``F_ii`` in loss per squared parameter
+unit; ``delta^T F delta`` in loss units.
 """
 
 from __future__ import annotations
