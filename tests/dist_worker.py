@@ -42,6 +42,19 @@ def loss_fn(model, x, y, mask):
     return (per * mask.reshape(-1)).sum() / mask.sum()
 
 
+def reference_step(ref_model, ref, x, y, mask, grads):
+    """One single-process step on the whole batch given the distributed run's averaged
+    gradients ``grads``: compares the preconditioning, not the gradient averaging.
+    ``ref``: a KFACPreconditioner or a KFAC optimizer."""
+    pre = getattr(ref, "preconditioner", ref)
+    ref_model.zero_grad()
+    pre.set_token_mask(mask)
+    loss_fn(ref_model, x, y, mask).backward()
+    for p, g in zip(ref_model.parameters(), grads, strict=True):
+        p.grad.copy_(g)
+    ref.step()
+
+
 def local(t, rank):
     return t[2 * rank: 2 * rank + 2]
 
@@ -91,12 +104,7 @@ def compare_preconditioner(rank, steps=3, wrap="ddp", **kw):
         loss_fn(ddp, local(x, rank), local(y, rank), local(mask, rank)).backward()
         averaged = [full(p.grad).clone() for p in model.parameters()]
         pre.step()
-        ref_model.zero_grad()
-        ref.set_token_mask(mask)
-        loss_fn(ref_model, x, y, mask).backward()
-        for p, g in zip(ref_model.parameters(), averaged, strict=True):
-            p.grad.copy_(g)  # same V: compare the preconditioning, not DDP's averaging
-        ref.step()
+        reference_step(ref_model, ref, x, y, mask, averaged)
         worst["factors"] = max(worst["factors"], max_diff(factor_values(pre),
                                                           factor_values(ref)))
         worst["grads"] = max(worst["grads"], max_diff(
@@ -157,12 +165,7 @@ def fsdp_optimizer_steps(rank):
         loss_fn(sharded, local(x, rank), local(y, rank), local(mask, rank)).backward()
         averaged = [full(p.grad).clone() for p in model.parameters()]
         opt.step()
-        ref.zero_grad()
-        ref.preconditioner.set_token_mask(mask)
-        loss_fn(ref_model, x, y, mask).backward()
-        for p, g in zip(ref_model.parameters(), averaged, strict=True):
-            p.grad.copy_(g)
-        ref.step()
+        reference_step(ref_model, ref, x, y, mask, averaged)
     params = [full(p.detach()) for p in model.parameters()]
     return {"sharded": all(hasattr(p, "full_tensor") for p in model.parameters()),
             "max_param_diff": max_diff(params, list(ref_model.parameters()))}

@@ -12,11 +12,10 @@ import os
 import sys
 
 import deepspeed
-import torch
 import torch.distributed as dist
 
 from kfac_optim import KFAC
-from tests.dist_worker import data, local, loss_fn, max_diff
+from tests.dist_worker import data, local, loss_fn, max_diff, reference_step
 from tests.dist_worker import model_fn as model_fn64
 
 CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
@@ -48,12 +47,7 @@ def stage0(rank):
         engine.backward(loss)
         averaged = [p.grad.clone() for p in model.parameters()]
         engine.step()
-        ref.zero_grad()
-        ref.preconditioner.set_token_mask(mask)
-        loss_fn(ref_model, x, y, mask).backward()
-        for p, g in zip(ref_model.parameters(), averaged, strict=True):
-            p.grad.copy_(g)
-        ref.step()
+        reference_step(ref_model, ref, x, y, mask, averaged)
     return {"max_param_diff": max_diff(list(model.parameters()), list(ref_model.parameters()))}
 
 

@@ -7,13 +7,11 @@ refused with an error naming what works.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.launch import TORCHRUN_2, launch
 
 pytest.importorskip("deepspeed")
 WORKER = Path(__file__).with_name("ds_worker.py")
@@ -22,13 +20,7 @@ WORKER = Path(__file__).with_name("ds_worker.py")
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds") / "results.json"
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               DS_ACCELERATOR="cpu", PYTHONPATH=str(WORKER.parent.parent))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(WORKER), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    return launch(TORCHRUN_2, WORKER, [str(out)], out, env={"DS_ACCELERATOR": "cpu"})
 
 
 def test_zero_stage0_matches_single_process(results):

@@ -88,22 +88,12 @@ def test_trainer_refuses_second_optimizer(tmp_path):
 
 
 def _launch(cmd, tmp_path, extra):
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.launch import ROOT, launch
 
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    script = str(root / "examples" / "accelerate_train.py")
     args = ["--cpu", "--steps", "6", "--resume-check", "--out", str(tmp_path),
             "--batch-size", "4", "--seq-len", "32", "--n-embd", "32", *extra]
-    proc = subprocess.run([sys.executable, "-m", *cmd, script, *args], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=root)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((tmp_path / "accelerate_result.json").read_text())
+    return launch(cmd, ROOT / "examples" / "accelerate_train.py", args,
+                  tmp_path / "accelerate_result.json", timeout=300)
 
 
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
@@ -115,7 +105,7 @@ def test_accelerate_example_two_processes_resumes_exactly(launcher, tmp_path):
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         extra = []
     else:  # and gradient accumulation through accelerator.accumulate
-        cmd = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        from tests.launch import TORCHRUN_2 as cmd
         extra = ["--grad-accum", "2"]
     result = _launch(cmd, tmp_path, extra)
     assert result["world_size"] == 2
