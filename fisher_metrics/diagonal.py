@@ -58,6 +58,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -403,22 +404,20 @@ class DiagonalFisher(FisherRepresentation):
         fisher: str = "empirical",
         *,
         task: str = "default",
-        mode: str = "oneshot",
-        decay: float = 0.99,
-        params=None,
-        loss_fn=None,
-        shift_labels: bool | None = None,
-        mc_samples: int = 1,
-        seed: int = 0,
-        per_sample: str = "auto",
-        chunk_size: int | None = None,
-        storage_dtype: torch.dtype | None = None,
-        storage_device: torch.device | str | None = None,
+        **options: Any,
     ) -> DiagonalFisher:
         """Diagonal Fisher of the mean loss over ``data`` (one pass).
 
-        With ``mode="ema"`` every batch of ``data`` is one EMA step. See
-        :class:`DiagonalFisherCollector` for the arguments.
+        With ``mode="ema"`` every batch of ``data`` is one EMA step.
+
+        Args:
+            model, fisher: see :class:`DiagonalFisherCollector`.
+            data: as for :class:`~fisher_metrics.operators.CurvatureOperator`.
+            task: the task key recorded on the result.
+            **options: the other keyword arguments of :class:`DiagonalFisherCollector`
+                (``mode``, ``decay``, ``params``, ``loss_fn``, ``shift_labels``,
+                ``mc_samples``, ``seed``, ``per_sample``, ``chunk_size``,
+                ``storage_dtype``, ``storage_device``), with its defaults.
 
         Returns:
             The :class:`DiagonalFisher` (zeros, with a warning, when ``data``
@@ -427,22 +426,8 @@ class DiagonalFisher(FisherRepresentation):
         Raises:
             TypeError / ValueError: bad arguments, naming them.
         """
-        collector = DiagonalFisherCollector(
-            model,
-            fisher=fisher,
-            mode=mode,
-            decay=decay,
-            params=params,
-            loss_fn=loss_fn,
-            shift_labels=shift_labels,
-            mc_samples=mc_samples,
-            seed=seed,
-            per_sample=per_sample,
-            chunk_size=chunk_size,
-            storage_dtype=storage_dtype,
-            storage_device=storage_device,
-        )
-        if mode == "ema":
+        collector = DiagonalFisherCollector(model, fisher=fisher, **options)
+        if collector.mode == "ema":
             for batch in _batches_of(data):
                 collector.update(batch, task=task)
         else:

@@ -98,23 +98,8 @@ def named_tensors(
             f"{argname} must be a torch.nn.Module or a state dict {{name: tensor}}; "
             f"got {type(obj).__name__}"
         )
-    out: dict[str, Tensor] = {}
-    for key, value in items:
-        name = fisher.aliases.get(key)
-        if name is None or name in out:
-            continue
-        if not isinstance(value, Tensor) or not value.is_floating_point():
-            raise TypeError(f"{argname}[{key!r}] must be a floating-point tensor")
-        if value.shape != fisher.param_shapes[name]:
-            raise ValueError(
-                f"{argname}[{key!r}] has shape {tuple(value.shape)}; the Fisher covers shape "
-                f"{tuple(fisher.param_shapes[name])} (another model?)"
-            )
-        out[name] = value.detach() if detach else value
-    missing = [name for name in fisher.param_names if name not in out]
-    if missing:
-        raise ValueError(f"{argname} lacks the Fisher's parameters {missing[:5]}")
-    return out
+    tensors = fisher.covered_tensors(items, argname)
+    return {name: value.detach() if detach else value for name, value in tensors.items()}
 
 
 def _delta(fisher, before, after, *, differentiable: bool) -> dict[str, Tensor]:

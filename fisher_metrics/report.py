@@ -546,19 +546,7 @@ def report(
     *,
     kfac: object,
     out: str | Path | None = None,
-    k: int = 10,
-    exact: bool = True,
-    exact_curvature: str = "ggn",
-    exact_max_iter: int = 20,
-    slq_probes: int = 4,
-    slq_steps: int = 20,
-    hessian_k: int = 3,
-    dtype: torch.dtype | None = None,
-    seed: int = 0,
-    loss_fn: str | Callable[[Tensor, Tensor], Tensor] | None = None,
-    progress: bool = True,
-    cond_warn: float = 1e8,
-    ratio_warn: float = 2.0,
+    **options: Any,
 ) -> Any:
     """Per-layer and whole-model curvature report from stored K-FAC factors plus exact checks.
 
@@ -573,20 +561,23 @@ def report(
             ``state_dict()`` of one (for ``model``).
         out: directory for ``report.json``, ``report.md``, ``report.html``
             (created); ``None`` writes nothing.
-        k: whole-model K-FAC top eigenvalues listed.
-        exact: run the per-layer exact Lanczos checks.
-        exact_curvature: ``"ggn"`` (default), ``"fisher_mc"`` or ``"empirical_fisher"``.
-        exact_max_iter: Lanczos steps per layer (>= 1; small keeps it fast, the
-            value is then a lower bound, flagged when not converged).
-        slq_probes: SLQ probes for the whole-model GGN density (``0``: skip).
-        slq_steps: Lanczos steps per SLQ probe.
-        hessian_k: top Hessian / GGN eigenvalues compared (``0``: skip).
-        dtype: dtype of the exact products (default: the model's).
-        seed: seed of every random start / probe.
-        loss_fn: see :func:`fisher_metrics.top_eigenvalues`.
-        progress: show tqdm progress bars (stderr).
-        cond_warn: warn above this condition number.
-        ratio_warn: warn when ``K-FAC top / exact top`` is outside ``[1/r, r]`` (``r >= 1``).
+        **options: keyword arguments of :func:`build_report` (defaults in brackets):
+
+            - ``k`` (10): whole-model K-FAC top eigenvalues listed.
+            - ``exact`` (True): run the per-layer exact Lanczos checks.
+            - ``exact_curvature`` (``"ggn"``): or ``"fisher_mc"`` / ``"empirical_fisher"``.
+            - ``exact_max_iter`` (20): Lanczos steps per layer (>= 1; small keeps it
+              fast, the value is then a lower bound, flagged when not converged).
+            - ``slq_probes`` (4): SLQ probes for the whole-model GGN density (``0``: skip).
+            - ``slq_steps`` (20): Lanczos steps per SLQ probe.
+            - ``hessian_k`` (3): top Hessian / GGN eigenvalues compared (``0``: skip).
+            - ``dtype`` (None): dtype of the exact products (``None``: the model's).
+            - ``seed`` (0): seed of every random start / probe.
+            - ``loss_fn`` (None): see :func:`fisher_metrics.top_eigenvalues`.
+            - ``progress`` (True): show tqdm progress bars (stderr).
+            - ``cond_warn`` (1e8): warn above this condition number.
+            - ``ratio_warn`` (2.0): warn when ``K-FAC top / exact top`` is outside
+              ``[1/r, r]`` (``r >= 1``).
 
     Returns:
         The per-layer table: a list of dicts (a ``pandas.DataFrame`` when pandas
@@ -600,24 +591,7 @@ def report(
             vocabulary.
     """
     rep = _as_kfac(kfac, model)
-    result = build_report(
-        model,
-        data,
-        kfac=rep,
-        k=k,
-        exact=exact,
-        exact_curvature=exact_curvature,
-        exact_max_iter=exact_max_iter,
-        slq_probes=slq_probes,
-        slq_steps=slq_steps,
-        hessian_k=hessian_k,
-        dtype=dtype,
-        seed=seed,
-        loss_fn=loss_fn,
-        progress=progress,
-        cond_warn=cond_warn,
-        ratio_warn=ratio_warn,
-    )
+    result = build_report(model, data, kfac=rep, **options)
     if out is not None:
         write_report(result, out, rep)
     table = result["table"]

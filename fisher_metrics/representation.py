@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -136,6 +136,44 @@ class FisherRepresentation(abc.ABC):
             offset += size
         return out
 
+    def covered_tensors(
+        self, entries: Iterable[tuple[str, object]], argname: str
+    ) -> dict[str, Tensor]:
+        """The covered parameters among ``(name, tensor)`` entries, by canonical name.
+
+        Args:
+            entries: ``(name, tensor)`` pairs (a dict's ``items()``, a model's
+                ``named_parameters(remove_duplicate=False)``); tied parameters may
+                come under any of their names (the first one counts), entries for
+                parameters outside the representation are ignored.
+            argname: the caller's argument name, for errors.
+
+        Returns:
+            ``{canonical name: tensor as given}``, in the order of ``entries``.
+
+        Raises:
+            TypeError: a covered entry is not a floating-point tensor.
+            ValueError: a covered entry has another shape, or a covered parameter
+                has no entry.
+        """
+        found: dict[str, Tensor] = {}
+        for key, value in entries:
+            name = self.aliases.get(key)
+            if name is None or name in found:
+                continue  # parameters outside the representation: its blocks are zero there
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                raise TypeError(f"{argname}[{key!r}] must be a floating-point tensor")
+            if value.shape != self.param_shapes[name]:
+                raise ValueError(
+                    f"{argname}[{key!r}] has shape {tuple(value.shape)}; the Fisher covers shape "
+                    f"{tuple(self.param_shapes[name])} (another model?)"
+                )
+            found[name] = value
+        missing = [name for name in self.param_names if name not in found]
+        if missing:
+            raise ValueError(f"{argname} lacks entries for the Fisher's parameters {missing[:5]}")
+        return found
+
     def _as_dict(self, v: object, argname: str) -> tuple[dict[str, Tensor], bool]:
         """``v`` (dict or flat) as canonical-name tensors in the rep dtype; and whether flat."""
         if isinstance(v, Tensor):
@@ -150,22 +188,8 @@ class FisherRepresentation(abc.ABC):
                 f"{argname} must be a dict {{parameter name: tensor}} or a flat (n,) tensor; "
                 f"got {type(v).__name__}"
             )
-        out = {}
-        for key, value in v.items():
-            name = self.aliases.get(key)
-            if name is None:
-                continue  # parameters outside the representation: its blocks are zero there
-            if not isinstance(value, Tensor) or not value.is_floating_point():
-                raise TypeError(f"{argname}[{key!r}] must be a floating-point tensor")
-            if value.shape != self.param_shapes[name]:
-                raise ValueError(
-                    f"{argname}[{key!r}] must have the parameter's shape "
-                    f"{tuple(self.param_shapes[name])}; got {tuple(value.shape)}"
-                )
-            out[name] = value.to(self.device, self.dtype)
-        missing = [name for name in self.param_names if name not in out]
-        if missing:
-            raise ValueError(f"{argname} lacks entries for parameters {missing}")
+        tensors = self.covered_tensors(v.items(), argname)
+        out = {name: value.to(self.device, self.dtype) for name, value in tensors.items()}
         return out, False
 
     def mvp(self, v: Mapping[str, Tensor] | Tensor) -> dict[str, Tensor] | Tensor:

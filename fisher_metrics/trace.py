@@ -74,6 +74,15 @@ def _confidence(name: str, value: object) -> float:
     return float(value)
 
 
+def _probe_settings(
+    distribution: object, confidence: object, seed: object
+) -> tuple[str, float, torch.Generator]:
+    """Checked ``distribution`` and ``confidence``, and the CPU generator seeded with ``seed``."""
+    distribution = check_choice("distribution", distribution, DISTRIBUTIONS)
+    confidence = _confidence("confidence", confidence)
+    return distribution, confidence, torch.Generator().manual_seed(check_seed("seed", seed))
+
+
 def _finish(
     base: float, samples: Tensor, confidence: float, num_matvecs: int, low: float | None, method
 ) -> TraceEstimate:
@@ -126,9 +135,7 @@ def hutchinson(
     """
     op = as_operator(operator, n=n)
     num_samples = check_int("num_samples", num_samples, minimum=2)
-    distribution = check_choice("distribution", distribution, DISTRIBUTIONS)
-    confidence = _confidence("confidence", confidence)
-    generator = torch.Generator().manual_seed(check_seed("seed", seed))
+    distribution, confidence, generator = _probe_settings(distribution, confidence, seed)
     Z = _probes(op.shape[0], num_samples, distribution, generator)
     samples = _quadratic_forms(op, Z)
     return _finish(0.0, samples, confidence, num_samples, None, "hutchinson")
@@ -165,9 +172,7 @@ def hutch_plus_plus(
     """
     op = as_operator(operator, n=n)
     num_matvecs = check_int("num_matvecs", num_matvecs, minimum=6)
-    distribution = check_choice("distribution", distribution, DISTRIBUTIONS)
-    confidence = _confidence("confidence", confidence)
-    generator = torch.Generator().manual_seed(check_seed("seed", seed))
+    distribution, confidence, generator = _probe_settings(distribution, confidence, seed)
     size, third = op.shape[0], num_matvecs // 3
     S = _probes(size, third, distribution, generator)
     G = _probes(size, third, distribution, generator)

@@ -1,9 +1,12 @@
-"""Dense float64 curvature references for the fisher_metrics tests.
+"""Dense float64 curvature references and shared models for the fisher_metrics tests.
 
 Built independently of ``fisher_metrics.operators``: the loss, the valid-row
 selection and every matrix are written out here with ``torch.func.jacrev`` /
 ``torch.func.hessian`` over a flat parameter vector. Only the sampled labels of
 the Monte-Carlo Fisher are read from the operator (they are data, not products).
+Also here: the small models of several test files (MLP, GPT-2, LLaMA), random
+symmetric matrices, and a few real ``kfac_optim`` steps with the dense factors
+of their state.
 """
 
 from __future__ import annotations
@@ -71,6 +74,31 @@ def tiny_gpt2(seed: int = 0):
     labels = ids.clone()
     labels[1, 3] = -100
     return model, {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    """LLaMA (1 layer, 4 query heads sharing 2 K/V heads of size 4, width 16, vocab 11), eval."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=11,
+        max_position_embeddings=16,
+    )
+    return LlamaForCausalLM(config).to(DTYPE).eval()
+
+
+def symmetric(eigenvalues, seed: int = 0) -> torch.Tensor:
+    """``Q diag(eigenvalues) Q^T`` with a random orthogonal ``Q`` (float64)."""
+    generator = torch.Generator().manual_seed(seed)
+    n = len(eigenvalues)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=DTYPE))
+    return Q @ torch.diag(torch.as_tensor(eigenvalues, dtype=DTYPE)) @ Q.T
 
 
 GPT2_PARAMS = [r"h\.0\.ln_1\.", "transformer.h.0.attn.c_proj.weight", "transformer.ln_f.bias"]
@@ -202,3 +230,51 @@ def gpt2_problem(names) -> tuple[nn.Module, dict, Problem]:
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float((a - b).norm() / b.norm())
+
+
+# --------------------------------------------------------------------------- K-FAC states
+
+
+def kfac_trained(model, inputs, num_classes: int, *, policy: str, hybrid_min_out: int, seed: int):
+    """Two real K-FAC + SGD steps on cross-entropy; returns ``(model, preconditioner)``.
+
+    Args:
+        model: the (float64) model, trained in place.
+        inputs: ``generator -> a batch of inputs``; labels in ``0..num_classes-1``
+            are drawn after it, one per input row, from the same generator
+            (seeded with ``seed + 1``).
+        policy, hybrid_min_out: the preconditioner's inverse policy options.
+    """
+    import kfac_optim
+
+    pre = kfac_optim.KFACPreconditioner(
+        model,
+        kl_clip=None,
+        factor_update_steps=1,
+        factor_decay=0.9,
+        inverse_policy=policy,
+        hybrid_min_out=hybrid_min_out,
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for _ in range(2):
+        x = inputs(generator)
+        y = torch.randint(0, num_classes, (x.shape[0],), generator=generator)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        pre.step()
+        opt.step()
+    return model, pre
+
+
+def dense_factors(entry) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` (d, d) and ``G`` (o, o) from one layer's K-FAC state entry, written out."""
+    A = entry["A"]["ema"].to(DTYPE) / entry["A"]["weight"]
+    if A.dim() == 1:
+        A = torch.diag(A)
+    if entry["G_low_rank"]:
+        U = entry["G"]["cols"].to(DTYPE)
+        G = U @ U.T / entry["G"]["weight"]
+    else:
+        G = entry["G"]["ema"].to(DTYPE) / entry["G"]["weight"]
+    return A, G

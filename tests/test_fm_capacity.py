@@ -11,7 +11,12 @@ import pytest
 import torch
 
 import fisher_metrics as fm
-from tests.fm_reference import DTYPE, mlp_problem, single_thread  # noqa: F401
+from tests.fm_reference import (
+    DTYPE,
+    mlp_problem,
+    single_thread,  # noqa: F401
+    symmetric,
+)
 
 SPECTRUM = [4.0, 2.0, 1.0, 1.0, 0.0]
 
@@ -80,17 +85,10 @@ def test_capacity_bad_arguments(call, error, match):
 # --------------------------------------------------------------------------- traces
 
 
-def psd(eigenvalues, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    n = len(eigenvalues)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=DTYPE))
-    return Q @ torch.diag(torch.as_tensor(eigenvalues, dtype=DTYPE)) @ Q.T
-
-
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 def test_hutchinson_within_its_confidence(distribution):
     generator = torch.Generator().manual_seed(0)
-    A = psd(torch.rand(80, generator=generator, dtype=DTYPE) * 3)
+    A = symmetric(torch.rand(80, generator=generator, dtype=DTYPE) * 3)
     est = fm.hutchinson(A, num_samples=200, distribution=distribution, seed=1)
     truth = float(torch.trace(A))
     assert abs(est.estimate - truth) <= 4 * est.std_error
@@ -112,7 +110,7 @@ def test_hutch_plus_plus_low_rank_plus_noise():
     n = 200
     top = torch.tensor([500.0, 300.0, 200.0, 100.0, 80.0, 50.0])
     spectrum = torch.cat([top, 0.1 * torch.rand(n - 6, generator=generator)])
-    A = psd(spectrum, seed=3)
+    A = symmetric(spectrum, seed=3)
     truth = float(spectrum.sum())
     plus = fm.hutch_plus_plus(A, num_matvecs=30, seed=4)
     assert plus.num_matvecs == 30 and plus.method == "hutch++"
@@ -123,7 +121,7 @@ def test_hutch_plus_plus_low_rank_plus_noise():
 
 
 def test_hutch_plus_plus_exact_on_low_rank():
-    A = psd([5.0, 3.0, 1.0] + [0.0] * 47, seed=1)
+    A = symmetric([5.0, 3.0, 1.0] + [0.0] * 47, seed=1)
     est = fm.hutch_plus_plus(A, num_matvecs=31, seed=0)
     assert est.num_matvecs == 30
     assert est.estimate == pytest.approx(9.0, abs=1e-10)

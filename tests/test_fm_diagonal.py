@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import jacrev
 
 import fisher_metrics as fm
-from tests.fm_reference import (  # noqa: F401
+from tests.fm_reference import (
     DTYPE,
     GPT2_NAMES,
     Problem,
@@ -26,7 +26,8 @@ from tests.fm_reference import (  # noqa: F401
     mlp_batches,
     mlp_problem,
     relative_error,
-    single_thread,
+    single_thread,  # noqa: F401
+    tiny_llama,
 )
 
 TOL = 1e-12
@@ -295,24 +296,11 @@ def tiny_models():
     from transformers import (
         BertConfig,
         BertForMaskedLM,
-        LlamaConfig,
-        LlamaForCausalLM,
         T5Config,
         T5ForConditionalGeneration,
     )
 
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=16,
-            intermediate_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=11,
-            max_position_embeddings=16,
-        )
-    )
+    llama = tiny_llama()  # torch.manual_seed(0) first: bert and t5 draw after it
     bert = BertForMaskedLM(
         BertConfig(
             hidden_size=8,
@@ -326,7 +314,7 @@ def tiny_models():
     t5 = T5ForConditionalGeneration(
         T5Config(num_heads=3, d_kv=4, d_model=8, d_ff=16, num_layers=1, vocab_size=11)
     )
-    return llama.to(DTYPE), bert, t5
+    return llama, bert, t5
 
 
 def test_bert_t5_head_groups_are_slice_sums():

@@ -12,12 +12,16 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fisher_metrics as fm
-import kfac_optim
-from tests.fm_reference import DTYPE, mlp_problem, single_thread  # noqa: F401
+from tests.fm_reference import (
+    DTYPE,
+    dense_factors,
+    kfac_trained,
+    mlp_problem,
+    single_thread,  # noqa: F401
+)
 
 TOL = 1e-12
 
@@ -39,35 +43,14 @@ class Net(nn.Module):
 def kfac_setup(seed=0, policy="hybrid"):
     """Two K-FAC steps; ``"hybrid"``: fc (o = 5) keeps a low-rank G (4 columns), head a dense G."""
     torch.manual_seed(seed)
-    model = Net().to(DTYPE)
-    pre = kfac_optim.KFACPreconditioner(
-        model,
-        kl_clip=None,
-        factor_update_steps=1,
-        factor_decay=0.9,
-        inverse_policy=policy,
+    return kfac_trained(
+        Net().to(DTYPE),
+        lambda generator: torch.randn(2, 6, generator=generator, dtype=DTYPE),
+        3,
+        policy=policy,
         hybrid_min_out=5,
+        seed=seed,
     )
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    generator = torch.Generator().manual_seed(seed + 1)
-    for _ in range(2):
-        x = torch.randn(2, 6, generator=generator, dtype=DTYPE)
-        y = torch.randint(0, 3, (2,), generator=generator)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        pre.step()
-        opt.step()
-    return model, pre
-
-
-def dense_factors(entry):
-    A = entry["A"]["ema"].to(DTYPE) / entry["A"]["weight"]
-    if entry["G_low_rank"]:
-        U = entry["G"]["cols"].to(DTYPE)
-        G = U @ U.T / entry["G"]["weight"]
-    else:
-        G = entry["G"]["ema"].to(DTYPE) / entry["G"]["weight"]
-    return A, G
 
 
 def dW(params, name):

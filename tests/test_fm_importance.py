@@ -13,12 +13,13 @@ import torch
 from torch.func import jacrev
 
 import fisher_metrics as fm
-from tests.fm_reference import (  # noqa: F401
+from tests.fm_reference import (
     DTYPE,
     Problem,
     mlp_problem,
-    single_thread,
+    single_thread,  # noqa: F401
     tiny_gpt2,
+    tiny_llama,
 )
 
 TOL = 1e-12
@@ -69,22 +70,6 @@ def test_channel_masks_prune_rows_with_their_bias(mlp_fisher):
     assert float(all_scores[~kept].max()) <= float(all_scores[kept].min())
 
 
-def llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=16,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=11,
-        max_position_embeddings=16,
-    )
-    return LlamaForCausalLM(config).to(DTYPE).eval()
-
-
 def head_values(model, q_head_scale):
     """Unit diagonal except q_proj rows of head h scaled by ``q_head_scale[h]``."""
     values = {n: torch.ones_like(p, dtype=DTYPE) for n, p in model.named_parameters()}
@@ -95,7 +80,7 @@ def head_values(model, q_head_scale):
 
 
 def test_head_masks_follow_gqa():
-    model = llama()
+    model = tiny_llama()
     prefix = "model.layers.0.self_attn"
     # heads 0 and 1 (both reading kv head 0) are the least important: kv head 0 goes too
     masks = fm.pruning_masks(
@@ -243,7 +228,7 @@ def test_qkov_interference_gpt2_vs_manual_slices():
 
 
 def test_qkov_gqa_kv_slices():
-    model = llama()
+    model = tiny_llama()
     generator = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(2):

@@ -13,12 +13,18 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fisher_metrics as fm
 import kfac_optim
-from tests.fm_reference import DTYPE, mlp, mlp_batches, mlp_problem, single_thread  # noqa: F401
+from tests.fm_reference import (
+    DTYPE,
+    dense_factors,
+    kfac_trained,
+    mlp,
+    mlp_problem,
+    single_thread,  # noqa: F401
+)
 
 
 class Net(nn.Module):
@@ -42,44 +48,20 @@ class Net(nn.Module):
 
 def trained(policy: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = Net().to(DTYPE)
-    pre = kfac_optim.KFACPreconditioner(
-        model,
-        kl_clip=None,
-        factor_update_steps=1,
-        factor_decay=0.9,
-        inverse_policy=policy,
+    return kfac_trained(
+        Net().to(DTYPE),
+        lambda generator: torch.randint(0, 10, (4, 3), generator=generator),
+        5,
+        policy=policy,
         hybrid_min_out=12,
+        seed=seed,
     )
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    generator = torch.Generator().manual_seed(seed + 1)
-    for _ in range(2):
-        ids = torch.randint(0, 10, (4, 3), generator=generator)
-        y = torch.randint(0, 5, (4,), generator=generator)
-        opt.zero_grad()
-        F.cross_entropy(model(ids), y).backward()
-        pre.step()
-        opt.step()
-    return model, pre
 
 
 @pytest.fixture(scope="module", params=["hybrid", "woodbury"])
 def setup(request):
     model, pre = trained(request.param)
     return model, pre, fm.KFACFisher.from_preconditioner(pre)
-
-
-def dense_factors(entry):
-    """``A`` (d, d) and ``G`` (o, o) from one layer's state entry, written out."""
-    A = entry["A"]["ema"].to(DTYPE) / entry["A"]["weight"]
-    if A.dim() == 1:
-        A = torch.diag(A)
-    if entry["G_low_rank"]:
-        U = entry["G"]["cols"].to(DTYPE)
-        G = U @ U.T / entry["G"]["weight"]
-    else:
-        G = entry["G"]["ema"].to(DTYPE) / entry["G"]["weight"]
-    return A, G
 
 
 def kron_blocks(pre):

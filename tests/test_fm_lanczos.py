@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fisher_metrics as fm
-from tests.fm_reference import (  # noqa: F401
+from tests.fm_reference import (
     DTYPE,
     GPT2_NAMES,
     GPT2_PARAMS,
@@ -22,7 +22,8 @@ from tests.fm_reference import (  # noqa: F401
     mlp,
     mlp_batches,
     mlp_problem,
-    single_thread,
+    single_thread,  # noqa: F401
+    symmetric,
 )
 
 CURVATURES = ["ggn", "fisher_mc", "empirical_fisher", "hessian"]
@@ -43,14 +44,6 @@ RESULT_KEYS = {
     "residuals",
     "note",
 }
-
-
-def symmetric(eigenvalues, seed=0):
-    """``Q diag(eigenvalues) Q^T`` with a random orthogonal ``Q`` (float64)."""
-    generator = torch.Generator().manual_seed(seed)
-    n = len(eigenvalues)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=DTYPE))
-    return Q @ torch.diag(torch.as_tensor(eigenvalues, dtype=DTYPE)) @ Q.T
 
 
 def assert_top(res, dense, which="largest", k=5):

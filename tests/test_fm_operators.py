@@ -10,7 +10,7 @@ from torch import nn
 
 import fisher_metrics as fm
 from fisher_metrics.operators import resolve_parameters
-from tests.fm_reference import (  # noqa: F401
+from tests.fm_reference import (
     DTYPE,
     GPT2_NAMES,
     GPT2_PARAMS,
@@ -20,7 +20,7 @@ from tests.fm_reference import (  # noqa: F401
     mlp_batches,
     mlp_problem,
     relative_error,
-    single_thread,
+    single_thread,  # noqa: F401
 )
 
 CURVATURES = ["ggn", "fisher_mc", "empirical_fisher", "hessian"]

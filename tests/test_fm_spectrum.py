@@ -4,15 +4,14 @@ import pytest
 import torch
 
 import fisher_metrics as fm
-from tests.fm_reference import (  # noqa: F401
-    DTYPE,
+from tests.fm_reference import (
     GPT2_NAMES,
     GPT2_PARAMS,
     gpt2_problem,
     mlp,
     mlp_batches,
     mlp_problem,
-    single_thread,
+    single_thread,  # noqa: F401
 )
 
 
