@@ -5,8 +5,10 @@ Public API:
 - :func:`top_eigenvalues`: extreme eigenvalues of the GGN / Fisher / empirical
   Fisher / Hessian of the mean loss, with capacity metrics.
 - :mod:`~fisher_metrics.operators`: curvature operators (``GGNOperator``,
-  ``FisherMCOperator``, ``EmpiricalFisherOperator``, ``HessianOperator``) and
-  ``make_operator``.
+  ``FisherMCOperator``, ``EmpiricalFisherOperator``, ``HessianOperator``),
+  ``make_operator`` and ``EmptyBatchError`` (data without a valid row); for
+  code built on the operators: ``PreparedBatch``, ``RowLoss``, ``batch_list``,
+  ``evaluation_mode``.
 - :mod:`~fisher_metrics.lanczos`: ``lanczos`` (full / periodic
   reorthogonalization) and ``slq`` spectral densities.
 - :mod:`~fisher_metrics.spectrum`: ``gram_eigenvalues`` (Gram-trick spectra,
@@ -68,6 +70,7 @@ from .operators import (
     CurvatureOperator,
     DenseOperator,
     EmpiricalFisherOperator,
+    EmptyBatchError,
     FisherMCOperator,
     GGNOperator,
     HessianOperator,
@@ -90,6 +93,7 @@ __all__ = [
     "DiagonalFisher",
     "DiagonalFisherCollector",
     "EmpiricalFisherOperator",
+    "EmptyBatchError",
     "FisherMCOperator",
     "FisherRepresentation",
     "GGNOperator",

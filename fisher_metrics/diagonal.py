@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,9 +67,10 @@ from torch.func import jacrev, vmap
 from ._validation import check_choice, check_int, check_positive_float, check_seed
 from .operators import (
     CurvatureOperator,
-    _Batch,
-    _evaluation_mode,
-    _logits,
+    EmptyBatchError,
+    PreparedBatch,
+    batch_list,
+    evaluation_mode,
     make_operator,
     resolve_parameters,
 )
@@ -131,30 +132,28 @@ def _row_outputs(fisher: str, loss, rows: Tensor, targets: Tensor, sampled: Tens
     return loss.sqrt_hessian_times(rows.detach(), rows[:, :, None])[:, :, 0]
 
 
-def _layout(op: CurvatureOperator, batch: _Batch) -> tuple[int, int]:
+def _layout(op: CurvatureOperator, batch: PreparedBatch) -> tuple[int, int]:
     """``(N, P)``: samples in the batch and row positions per sample (after the label shift)."""
-    with torch.no_grad(), _evaluation_mode(op._model):
-        out = _logits(op._call(op._params, batch.args, batch.kwargs))
-    if batch.shift:
-        out = out[:, :-1]
+    with torch.no_grad(), evaluation_mode(op.model):
+        out = batch.outputs(op.call, op.params)
     if not batch.class_layout:
         return out.shape[0], 1
     return out.shape[0], math.prod(out.shape[1:-1])
 
 
-def _vmappable(batch: _Batch) -> bool:
+def _vmappable(batch: PreparedBatch) -> bool:
     return bool(batch.args) and not batch.kwargs
 
 
 def _jacobians_rows(op, batch, fisher, chunk_size) -> dict[str, Tensor]:
     def outputs(params: dict) -> Tensor:
-        rows = batch.rows(op._call, params)
-        return _row_outputs(fisher, op._loss, rows, batch.targets, batch.sampled)
+        rows = batch.rows(op.call, params)
+        return _row_outputs(fisher, op.loss, rows, batch.targets, batch.sampled)
 
     # torch.func differentiates inside no_grad; the outer no_grad keeps autograd from also
-    # recording the Jacobians' dependence on the parameters left out of op._params.
-    with torch.no_grad(), _evaluation_mode(op._model):
-        return jacrev(outputs, chunk_size=chunk_size)(op._params)
+    # recording the Jacobians' dependence on the parameters left out of op.params.
+    with torch.no_grad(), evaluation_mode(op.model):
+        return jacrev(outputs, chunk_size=chunk_size)(op.params)
 
 
 def _jacobians_vmap(op, batch, fisher, chunk_size, num_samples, positions) -> dict[str, Tensor]:
@@ -183,16 +182,14 @@ def _jacobians_vmap(op, batch, fisher, chunk_size, num_samples, positions) -> di
 
     def one(params: dict, args: tuple, y: Tensor, mask: Tensor, s: Tensor | None) -> Tensor:
         batched = tuple(a.unsqueeze(0) if f else a for a, f in zip(args, flags, strict=True))
-        out = _logits(op._call(params, batched, {}))
-        if batch.shift:
-            out = out[:, :-1]
+        out = batch.outputs(op.call, params, batched)  # vmappable: no keyword inputs
         rows = out.reshape(-1, out.shape[-1]) if batch.class_layout else out.reshape(1, -1)
-        return _row_outputs(fisher, op._loss, rows, y, s) * mask[:, None].to(rows.dtype)
+        return _row_outputs(fisher, op.loss, rows, y, s) * mask[:, None].to(rows.dtype)
 
     in_dims = (None, tuple(0 if f else None for f in flags), 0, 0, None if sampled is None else 1)
     mapped = vmap(jacrev(one), in_dims=in_dims, chunk_size=chunk_size)
-    with torch.no_grad(), _evaluation_mode(op._model):
-        jac = mapped(op._params, batch.args, targets, valid, sampled)
+    with torch.no_grad(), evaluation_mode(op.model):
+        jac = mapped(op.params, batch.args, targets, valid, sampled)
     keep = valid.reshape(-1)
     return {name: j.flatten(0, 1)[keep] for name, j in jac.items()}
 
@@ -232,10 +229,8 @@ def _build_operator(model, data, fisher, names, loss_fn, shift_labels, mc_sample
             mc_samples=mc_samples,
             seed=seed,
         )
-    except ValueError as err:
-        if "no valid row" in str(err):
-            return None
-        raise
+    except EmptyBatchError:
+        return None
 
 
 def per_row_gradients(
@@ -295,7 +290,7 @@ def per_row_gradients(
     )
     if op is None:
         return []
-    return [_batch_gradients(op, b, fisher, per_sample, chunk_size) for b in op._batches]
+    return [_batch_gradients(op, b, fisher, per_sample, chunk_size) for b in op.batches]
 
 
 # --------------------------------------------------------------------------- representation
@@ -428,7 +423,7 @@ class DiagonalFisher(FisherRepresentation):
         """
         collector = DiagonalFisherCollector(model, fisher=fisher, **options)
         if collector.mode == "ema":
-            for batch in _batches_of(data):
+            for batch in batch_list(data):
                 collector.update(batch, task=task)
         else:
             collector.update(data, task=task)
@@ -503,20 +498,6 @@ class DiagonalFisher(FisherRepresentation):
             f"params={len(self.param_names)}, n={self.num_params}, rows={self.num_rows}, "
             f"storage={self.storage_dtype}, device={self.device})"
         )
-
-
-def _batches_of(data: object) -> list[object]:
-    """``data`` as a list of single batches (``(inputs, targets)`` pairs or dict batches)."""
-    if isinstance(data, Mapping) or (
-        isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
-    ):
-        return [data]
-    if isinstance(data, Iterable) and not isinstance(data, (Tensor, str, bytes)):
-        return list(data)
-    raise TypeError(
-        "data must be (inputs, targets), a dict batch with 'labels', or an iterable of either; "
-        f"got {type(data).__name__}"
-    )
 
 
 # --------------------------------------------------------------------------- collector

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from torch.func import grad
 
 from ._validation import check_choice, check_positive_float
-from .diagonal import _build_operator, per_row_gradients
+from .diagonal import per_row_gradients
 from .groups import BLOCKS, Grouping, diagonal_of, head_scores, param_groupings
 from .kfac import layer_kind
-from .operators import _evaluation_mode, resolve_parameters
+from .operators import EmptyBatchError, evaluation_mode, make_operator, resolve_parameters
 from .representation import FisherRepresentation
 
 __all__ = [
@@ -290,10 +290,16 @@ def task_gradient(
     Raises:
         TypeError / ValueError: as for :class:`~fisher_metrics.operators.CurvatureOperator`.
     """
-    op = _build_operator(
-        _check_model(model), data, "empirical", params, loss_fn, shift_labels, 1, 0
-    )
-    if op is None:
+    try:
+        op = make_operator(
+            _check_model(model),
+            data,
+            "empirical_fisher",
+            params=params,
+            loss_fn=loss_fn,
+            shift_labels=shift_labels,
+        )
+    except EmptyBatchError:
         warnings.warn(
             "task_gradient: data has no valid row; returning zeros", RuntimeWarning, stacklevel=2
         )
@@ -301,10 +307,10 @@ def task_gradient(
         return {n: torch.zeros_like(lookup[n]) for n in resolve_parameters(model, params)}, 0
 
     def total(p: dict) -> Tensor:
-        return sum(op._loss.row_losses(b.rows(op._call, p), b.targets).sum() for b in op._batches)
+        return sum(op.loss.row_losses(b.rows(op.call, p), b.targets).sum() for b in op.batches)
 
-    with torch.no_grad(), _evaluation_mode(op._model):
-        g = grad(total)(op._params)
+    with torch.no_grad(), evaluation_mode(op.model):
+        g = grad(total)(op.params)
     return {n: v / op.num_rows for n, v in g.items()}, op.num_rows
 
 

@@ -83,15 +83,28 @@ __all__ = [
     "CallableOperator",
     "CurvatureOperator",
     "DenseOperator",
+    "EmptyBatchError",
     "EmpiricalFisherOperator",
     "FisherMCOperator",
     "GGNOperator",
     "HessianOperator",
     "LinearOperator",
+    "PreparedBatch",
+    "RowLoss",
     "as_operator",
+    "batch_list",
+    "evaluation_mode",
     "make_operator",
     "resolve_parameters",
 ]
+
+
+class EmptyBatchError(ValueError):
+    """``data`` has no valid row: every label is ``-100`` or masked.
+
+    Raised by :class:`CurvatureOperator` (and so :func:`make_operator`); a
+    ``ValueError``, so callers that catch those keep working.
+    """
 
 
 class LinearOperator:
@@ -323,8 +336,15 @@ def resolve_parameters(
 # --------------------------------------------------------------------------- losses
 
 
-class _Loss:
-    """Per-row loss ``l(f_r, y_r)`` with its output-space curvature and sampler."""
+class RowLoss:
+    """Per-row loss ``l(f_r, y_r)`` with its output-space curvature and sampler.
+
+    The loss of a :class:`CurvatureOperator` (its :attr:`~CurvatureOperator.loss`):
+    ``row_losses(out, targets)`` gives ``(R,)`` losses of valid-row outputs
+    ``(R, C)``; ``output_hvp`` the output-Hessian product ``H_r v``;
+    ``sqrt_hessian_times`` ``B_r^T J_r`` (``H_r = B_r B_r^T``); ``sample`` labels
+    drawn from the likelihood. ``name``: ``"cross_entropy"``, ``"mse"`` or ``"callable"``.
+    """
 
     name = ""
 
@@ -347,7 +367,7 @@ class _Loss:
         )
 
 
-class _CrossEntropy(_Loss):
+class _CrossEntropy(RowLoss):
     name = "cross_entropy"
 
     def row_losses(self, out: Tensor, targets: Tensor) -> Tensor:
@@ -370,7 +390,7 @@ class _CrossEntropy(_Loss):
         return draws.T.contiguous().to(out.device)
 
 
-class _SquaredError(_Loss):
+class _SquaredError(RowLoss):
     name = "mse"
 
     def row_losses(self, out: Tensor, targets: Tensor) -> Tensor:
@@ -388,7 +408,7 @@ class _SquaredError(_Loss):
         return (base + noise).to(out.device, out.dtype)
 
 
-class _CallableLoss(_Loss):
+class _CallableLoss(RowLoss):
     name = "callable"
 
     def __init__(self, fn: Callable[[Tensor, Tensor], Tensor]) -> None:
@@ -410,7 +430,7 @@ class _CallableLoss(_Loss):
         return jvp(grad(total), (out,), (v,))[1]
 
 
-def _resolve_loss(loss_fn: object, targets: Tensor) -> _Loss:
+def _resolve_loss(loss_fn: object, targets: Tensor) -> RowLoss:
     if callable(loss_fn):
         return _CallableLoss(loss_fn)
     if loss_fn is None:
@@ -426,21 +446,34 @@ def _resolve_loss(loss_fn: object, targets: Tensor) -> _Loss:
 # --------------------------------------------------------------------------- data
 
 
-def _split_batches(data: object) -> list[tuple[object, Tensor, bool]]:
-    """Return ``[(inputs, targets, is_dict)]`` for every batch of ``data``."""
-    accepted = (
-        "data must be (inputs, targets), a dict batch with 'labels', or an iterable of either"
-    )
+_ACCEPTED_DATA = (
+    "data must be (inputs, targets), a dict batch with 'labels', or an iterable of either"
+)
+
+
+def batch_list(data: object) -> list[object]:
+    """``data`` as a list of single batches (``(inputs, targets)`` pairs or dict batches).
+
+    A single batch becomes a one-item list; an iterable of batches is read once
+    into a list (possibly empty). The batches themselves are not checked here.
+
+    Raises:
+        TypeError: ``data`` is neither a batch nor an iterable of batches.
+    """
     if isinstance(data, Mapping) or (
         isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
     ):
-        raw = [data]
-    elif isinstance(data, (Tensor, str, bytes)) or not isinstance(data, Iterable):
-        raise TypeError(f"{accepted}; got {type(data).__name__}")
-    else:
-        raw = list(data)
-        if not raw:
-            raise ValueError("data is an empty iterable: it must hold at least one batch")
+        return [data]
+    if isinstance(data, (Tensor, str, bytes)) or not isinstance(data, Iterable):
+        raise TypeError(f"{_ACCEPTED_DATA}; got {type(data).__name__}")
+    return list(data)
+
+
+def _split_batches(data: object) -> list[tuple[object, Tensor, bool]]:
+    """Return ``[(inputs, targets, is_dict)]`` for every batch of ``data``."""
+    raw = batch_list(data)
+    if not raw:
+        raise ValueError("data is an empty iterable: it must hold at least one batch")
     batches = []
     for index, batch in enumerate(raw):
         if isinstance(batch, Mapping):
@@ -451,7 +484,7 @@ def _split_batches(data: object) -> list[tuple[object, Tensor, bool]]:
         elif isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor):
             batches.append((batch[0], batch[1], False))
         else:
-            raise TypeError(f"batch {index} of data: {accepted}; got {type(batch).__name__}")
+            raise TypeError(f"batch {index} of data: {_ACCEPTED_DATA}; got {type(batch).__name__}")
     return batches
 
 
@@ -495,7 +528,7 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _evaluation_mode(model: nn.Module) -> Iterator[None]:
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode (dropout off) and the math attention kernel, undone on exit.
 
     The fused ``scaled_dot_product_attention`` kernels lack forward-mode AD
@@ -512,8 +545,26 @@ def _evaluation_mode(model: nn.Module) -> Iterator[None]:
 
 
 @dataclass(eq=False)
-class _Batch:
-    """One batch, ready for products: inputs, valid-row targets and row layout."""
+class PreparedBatch:
+    """One batch, ready for products: inputs, valid-row targets and row layout.
+
+    Built by :class:`CurvatureOperator` (its :attr:`~CurvatureOperator.batches`),
+    on the operator's device and dtype.
+
+    Attributes:
+        args, kwargs: the model's inputs: ``model(*args, **kwargs)``.
+        targets: ``(R_b,)`` class labels or ``(R_b, D)`` float targets of the
+            valid rows.
+        row_index: ``(R_b,)`` positions of the valid rows among the flattened
+            ``(N * T)`` output rows (after the label shift); ``None`` for float
+            targets (one row per sample, all valid).
+        shift: the labels are shifted by one (causal LM): output position ``t``
+            pairs with label ``t + 1``.
+        class_layout: integer targets (rows are the leading positions of
+            ``(*, C)`` outputs) rather than float targets (one row per sample).
+        sampled: the Monte-Carlo labels of :class:`FisherMCOperator`
+            (``(S, R_b[, D])``), else ``None``.
+    """
 
     args: tuple
     kwargs: dict
@@ -527,11 +578,28 @@ class _Batch:
     def num_rows(self) -> int:
         return int(self.targets.shape[0])
 
+    def outputs(
+        self,
+        call: Callable[[dict, tuple, dict], object],
+        params: dict,
+        args: tuple | None = None,
+    ) -> Tensor:
+        """Model outputs (logits) at ``params``, without the last position when shifted.
+
+        Args:
+            call: ``(params, args, kwargs) -> model output`` (a tensor, an object
+                with ``.logits``, or a tuple led by a tensor), e.g.
+                :meth:`CurvatureOperator.call`.
+            params: ``{name: tensor}`` of the operator's parameters.
+            args: positional inputs in place of :attr:`args` (e.g. one sample of
+                them under ``vmap``); the keyword inputs stay :attr:`kwargs`.
+        """
+        out = _logits(call(params, self.args if args is None else args, self.kwargs))
+        return out[:, :-1] if self.shift else out
+
     def rows(self, call: Callable[[dict, tuple, dict], object], params: dict) -> Tensor:
-        """Valid-row outputs ``(R, C)`` of the model at ``params``."""
-        out = _logits(call(params, self.args, self.kwargs))
-        if self.shift:
-            out = out[:, :-1]
+        """Valid-row outputs ``(R, C)`` at ``params`` (``call`` as for :meth:`outputs`)."""
+        out = self.outputs(call, params)
         out = out.reshape(-1, out.shape[-1]) if self.class_layout else out.reshape(out.shape[0], -1)
         if self.row_index is not None:
             out = out.index_select(0, self.row_index)
@@ -546,7 +614,7 @@ def _prepare_batch(
     attention: Tensor | None,
     shift: bool,
     index: int,
-) -> _Batch:
+) -> PreparedBatch:
     """Work out the valid rows of one batch from its outputs ``out`` and targets.
 
     ``attention`` is the dict batch's ``attention_mask`` (``None`` otherwise).
@@ -560,7 +628,7 @@ def _prepare_batch(
                 f"{tuple(targets.shape)}"
             )
         flat = targets.reshape(targets.shape[0], -1)
-        return _Batch(args, kwargs, flat, None, False, class_layout=False)
+        return PreparedBatch(args, kwargs, flat, None, False, class_layout=False)
     mask = None
     if shift:
         if out.dim() != 3 or targets.dim() != 2:
@@ -590,7 +658,7 @@ def _prepare_batch(
             f"{where}: class targets must lie in [0, {num_classes}) or be {IGNORE_INDEX}; "
             f"got range [{int(flat.min())}, {int(flat.max())}]"
         )
-    return _Batch(args, kwargs, flat, row_index, shift, class_layout=True)
+    return PreparedBatch(args, kwargs, flat, row_index, shift, class_layout=True)
 
 
 # --------------------------------------------------------------------------- operators
@@ -628,7 +696,8 @@ class CurvatureOperator(LinearOperator):
         TypeError: ``model`` is not an ``nn.Module``; ``data``, ``params``,
             ``loss_fn`` or ``dtype`` is of the wrong kind.
         ValueError: bad ``params`` entries, shapes of outputs and targets that do
-            not pair up, class targets out of range, or no valid row in ``data``.
+            not pair up, class targets out of range; :class:`EmptyBatchError` (a
+            ``ValueError``) when ``data`` has no valid row.
     """
 
     is_psd = True
@@ -675,17 +744,42 @@ class CurvatureOperator(LinearOperator):
         self.num_batches = len(self._batches)
         self.num_rows = sum(batch.num_rows for batch in self._batches)
         if self.num_rows == 0:
-            raise ValueError("data has no valid row (every label is -100 or masked)")
+            raise EmptyBatchError("data has no valid row (every label is -100 or masked)")
         self.loss_name = self._loss.name
 
     # ---------------------------------------------------------------- plumbing
 
-    def _call(self, params: dict, args: tuple, kwargs: dict) -> object:
+    @property
+    def model(self) -> nn.Module:
+        """The model the products evaluate (a converted copy when ``dtype`` differs)."""
+        return self._model
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """``{name: detached parameter}`` of the selected parameters (a new dict each time)."""
+        return dict(self._params)
+
+    @property
+    def batches(self) -> tuple[PreparedBatch, ...]:
+        """The prepared batches of ``data``, in order."""
+        return tuple(self._batches)
+
+    @property
+    def loss(self) -> RowLoss:
+        """The per-row loss."""
+        return self._loss
+
+    def call(self, params: dict, args: tuple, kwargs: dict) -> object:
+        """The model's raw output at ``params``: ``functional_call(model, params, args, kwargs)``.
+
+        Run it inside :func:`evaluation_mode` (``torch.no_grad()`` too unless
+        differentiating with ``torch.func``), as the products do.
+        """
         return functional_call(self._model, params, args, kwargs)
 
     def _prepare(self, data: object, loss_fn: object, shift_labels: bool | None):
         batches, loss = [], None
-        with torch.no_grad(), _evaluation_mode(self._model):
+        with torch.no_grad(), evaluation_mode(self._model):
             for index, (inputs, targets, is_dict) in enumerate(_split_batches(data)):
                 inputs = _move(inputs, self.device, self.dtype)
                 targets = _move(targets, self.device, self.dtype)
@@ -703,7 +797,7 @@ class CurvatureOperator(LinearOperator):
                     loss = _resolve_loss(loss_fn, targets)
                 elif targets.is_floating_point() != batches[0].targets.is_floating_point():
                     raise TypeError(f"batch {index} of data: targets change between int/float")
-                out = _logits(self._call(self._params, args, kwargs))
+                out = _logits(self.call(self._params, args, kwargs))
                 shift = shift_labels
                 if shift is None:
                     shift = bool(
@@ -734,14 +828,14 @@ class CurvatureOperator(LinearOperator):
     def _normalizer(self) -> int:
         return self.num_rows
 
-    def _batch_product(self, batch: _Batch, v: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _batch_product(self, batch: PreparedBatch, v: dict[str, Tensor]) -> dict[str, Tensor]:
         """Return ``sum over the batch's rows`` of the curvature times ``v``."""
         raise NotImplementedError
 
     def _matvec(self, v: Tensor) -> Tensor:
         tangent = self.unflatten(v)
         total = torch.zeros_like(v)
-        with torch.no_grad(), _evaluation_mode(self._model):
+        with torch.no_grad(), evaluation_mode(self._model):
             for batch in self._batches:
                 total += self.flatten(self._batch_product(batch, tangent))
         return total / self._normalizer()
@@ -776,9 +870,9 @@ class CurvatureOperator(LinearOperator):
     def mean_loss(self) -> float:
         """Return the mean loss ``L`` over all valid rows at the current parameters."""
         total = 0.0
-        with torch.no_grad(), _evaluation_mode(self._model):
+        with torch.no_grad(), evaluation_mode(self._model):
             for batch in self._batches:
-                out = batch.rows(self._call, self._params)
+                out = batch.rows(self.call, self._params)
                 total += float(self._loss.row_losses(out, batch.targets).sum())
         return total / self.num_rows
 
@@ -792,9 +886,9 @@ class GGNOperator(CurvatureOperator):
     the outputs. See :class:`CurvatureOperator` for the arguments.
     """
 
-    def _batch_product(self, batch: _Batch, v: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _batch_product(self, batch: PreparedBatch, v: dict[str, Tensor]) -> dict[str, Tensor]:
         def outputs(p: dict) -> Tensor:
-            return batch.rows(self._call, p)
+            return batch.rows(self.call, p)
 
         out, jv = jvp(outputs, (self._params,), (v,))
         _, pullback = vjp(outputs, self._params)
@@ -802,10 +896,10 @@ class GGNOperator(CurvatureOperator):
 
     def gram_factor(self) -> Tensor:
         blocks = []
-        with torch.no_grad(), _evaluation_mode(self._model):
+        with torch.no_grad(), evaluation_mode(self._model):
             for batch in self._batches:
-                out = batch.rows(self._call, self._params)
-                J = self._jacobian(lambda p, b=batch: b.rows(self._call, p))
+                out = batch.rows(self.call, self._params)
+                J = self._jacobian(lambda p, b=batch: b.rows(self.call, p))
                 blocks.append(self._loss.sqrt_hessian_times(out, J).reshape(-1, self._n))
         return torch.cat(blocks) / self._normalizer() ** 0.5
 
@@ -819,9 +913,9 @@ class HessianOperator(CurvatureOperator):
 
     is_psd = False
 
-    def _batch_product(self, batch: _Batch, v: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _batch_product(self, batch: PreparedBatch, v: dict[str, Tensor]) -> dict[str, Tensor]:
         def total(p: dict) -> Tensor:
-            return self._loss.row_losses(batch.rows(self._call, p), batch.targets).sum()
+            return self._loss.row_losses(batch.rows(self.call, p), batch.targets).sum()
 
         return jvp(grad(total), (self._params,), (v,))[1]
 
@@ -833,10 +927,10 @@ class _GradientOuterProduct(CurvatureOperator):
     product is ``J_l^T u / N`` (one ``vjp``).
     """
 
-    def _row_losses(self, batch: _Batch, params: dict) -> Tensor:
+    def _row_losses(self, batch: PreparedBatch, params: dict) -> Tensor:
         raise NotImplementedError
 
-    def _batch_product(self, batch: _Batch, v: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _batch_product(self, batch: PreparedBatch, v: dict[str, Tensor]) -> dict[str, Tensor]:
         def losses(p: dict) -> Tensor:
             return self._row_losses(batch, p)
 
@@ -845,7 +939,7 @@ class _GradientOuterProduct(CurvatureOperator):
         return pullback(u)[0]
 
     def gram_factor(self) -> Tensor:
-        with torch.no_grad(), _evaluation_mode(self._model):
+        with torch.no_grad(), evaluation_mode(self._model):
             blocks = [
                 self._jacobian(lambda p, b=batch: self._row_losses(b, p)) for batch in self._batches
             ]
@@ -858,8 +952,8 @@ class EmpiricalFisherOperator(_GradientOuterProduct):
     See :class:`CurvatureOperator` for the arguments.
     """
 
-    def _row_losses(self, batch: _Batch, params: dict) -> Tensor:
-        return self._loss.row_losses(batch.rows(self._call, params), batch.targets)
+    def _row_losses(self, batch: PreparedBatch, params: dict) -> Tensor:
+        return self._loss.row_losses(batch.rows(self.call, params), batch.targets)
 
 
 class FisherMCOperator(_GradientOuterProduct):
@@ -892,9 +986,9 @@ class FisherMCOperator(_GradientOuterProduct):
         self.seed = check_seed("seed", seed)
         super().__init__(model, data, **kwargs)
         generator = torch.Generator().manual_seed(self.seed)
-        with torch.no_grad(), _evaluation_mode(self._model):
+        with torch.no_grad(), evaluation_mode(self._model):
             for batch in self._batches:
-                out = batch.rows(self._call, self._params)
+                out = batch.rows(self.call, self._params)
                 batch.sampled = self._loss.sample(out, self.mc_samples, generator)
 
     @property
@@ -904,9 +998,9 @@ class FisherMCOperator(_GradientOuterProduct):
     def _normalizer(self) -> int:
         return self.num_rows * self.mc_samples
 
-    def _row_losses(self, batch: _Batch, params: dict) -> Tensor:
+    def _row_losses(self, batch: PreparedBatch, params: dict) -> Tensor:
         sampled = batch.sampled
-        out = batch.rows(self._call, params)
+        out = batch.rows(self.call, params)
         repeated = out.repeat(self.mc_samples, 1)
         return self._loss.row_losses(repeated, sampled.reshape(-1, *sampled.shape[2:]))
 

@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 import fisher_metrics as fm
-from fisher_metrics.operators import resolve_parameters
+from fisher_metrics.operators import (
+    PreparedBatch,
+    batch_list,
+    evaluation_mode,
+    resolve_parameters,
+)
 from tests.fm_reference import (
     DTYPE,
     GPT2_NAMES,
@@ -224,3 +229,27 @@ def test_bad_model_vectors_and_sizes():
         fm.as_operator("matrix")
     with pytest.raises(ValueError, match="square"):
         fm.as_operator(torch.zeros(2, 3))
+
+
+def test_public_batch_api():
+    model, batches, problem = mlp_problem("ce")
+    op = fm.make_operator(model, batches, "ggn")
+    assert len(op.batches) == 2 and all(isinstance(b, PreparedBatch) for b in op.batches)
+    assert list(op.params) == op.param_names and op.model is model
+    op.params.clear()  # a copy: the operator keeps its parameters
+    assert list(op.params) == op.param_names
+    model.train()
+    with torch.no_grad(), evaluation_mode(op.model):
+        assert not model.training
+        rows = torch.cat([b.rows(op.call, op.params) for b in op.batches])
+        losses = torch.cat(
+            [op.loss.row_losses(b.rows(op.call, op.params), b.targets) for b in op.batches]
+        )
+    assert model.training
+    model.eval()
+    assert relative_error(rows, problem.rows(problem.theta)[0]) <= TOL
+    assert float(losses.mean()) == pytest.approx(op.mean_loss(), rel=TOL)
+    assert batch_list(batches[0]) == [batches[0]] and batch_list(iter(batches)) == batches
+    with pytest.raises(fm.EmptyBatchError) as err:
+        fm.make_operator(model, (batches[0][0], torch.full((3,), -100)))
+    assert isinstance(err.value, ValueError)
