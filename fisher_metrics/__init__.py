@@ -21,7 +21,8 @@ Public API:
   (eigenvalues, trace, log-det, products, top-k from stored K-FAC factors).
 - :func:`compare_hessian_fisher`: top Hessian vs Fisher eigenvalues and ratios.
 - :func:`report`: post-hoc per-layer / whole-model report (JSON, Markdown,
-  HTML); also ``python -m fisher_metrics report``.
+  HTML); also ``python -m fisher_metrics report``. The module is
+  :mod:`~fisher_metrics.reporting` (``fisher_metrics.report`` is the function).
 - :mod:`~fisher_metrics.diagonal` / :mod:`~fisher_metrics.groups`:
   ``DiagonalFisher`` (empirical / MC / GGN diagonal from per-row squared
   gradients; one-shot, EMA, Welford; one per task) and ``GroupFisher``
@@ -79,7 +80,7 @@ from .operators import (
     make_operator,
     resolve_parameters,
 )
-from .report import build_report, report
+from .reporting import build_report, report
 from .representation import FisherRepresentation, RepresentationOperator, TopEigenvalues
 from .spectrum import gram_eigenvalues
 from .trace import TraceEstimate, hutch_plus_plus, hutchinson

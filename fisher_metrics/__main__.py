@@ -11,7 +11,7 @@
 ``--data`` is ``pydoc`` (default: the byte-level demo corpus), a UTF-8 text
 file (byte-level ids), or a ``.pt`` file holding a ``(B, S)`` integer tensor of
 token ids. The report (``report.json``, ``report.md``, ``report.html``) goes to
-``--out``; see :func:`fisher_metrics.report.report`.
+``--out``; see :func:`fisher_metrics.reporting.report`.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _load_data(spec: str, model, args: argparse.Namespace):
     import torch
 
     from .data import lm_batches
-    from .report import default_data
+    from .reporting import default_data
 
     sizes = dict(num_sequences=args.num_sequences, batch_size=args.batch_size)
     if spec == "pydoc":
@@ -128,7 +128,7 @@ def run_report(args: argparse.Namespace) -> list:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .report import report
+    from .reporting import report
 
     if args.threads is not None:
         if args.threads < 1:

@@ -6,6 +6,7 @@ corpus (its ``lm_head`` G is low-rank: Woodbury). Exact checks use small
 Lanczos / SLQ budgets so the whole report takes a few seconds.
 """
 
+import inspect
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import fisher_metrics as fm
 import kfac_optim
 from fisher_metrics.__main__ import main
 from fisher_metrics.data import EOS_ID, byte_tokens, corpus_tokens, lm_batches
-from fisher_metrics.report import REPORT_FILES, TABLE_COLUMNS, build_report, default_data
+from fisher_metrics.reporting import REPORT_FILES, TABLE_COLUMNS, build_report, default_data
 from tests.fm_reference import single_thread  # noqa: F401
 
 FAST = dict(exact_max_iter=6, slq_probes=2, slq_steps=6, hessian_k=1, progress=False)
@@ -200,3 +201,10 @@ def test_module_entry_point_help():
         timeout=60,
     )
     assert done.returncode == 0 and "--kfac-state" in done.stdout
+
+
+def test_reporting_module_and_report_function():
+    import fisher_metrics.reporting as reporting
+
+    assert inspect.ismodule(reporting) and callable(fm.report)
+    assert fm.report is reporting.report and fm.build_report is reporting.build_report
