@@ -206,7 +206,7 @@ class KFACPreconditioner:
             o >= ``hybrid_min_out``, eig elsewhere). All give the same result on the same
             factors; a low-rank G past ``woodbury_max_rank`` columns becomes dense (logged).
         woodbury_max_rank, auto_rho, auto_t_max, hybrid_min_out: see ``inverse_policy``
-            (defaults 8192, 1.0, 8192, 4096).
+            (defaults 8192, 0.75, 8192, 4096; rho measured, ``KFACOptions.max_low_rank``).
         max_condition_number: clip factor eigenvalues below ``max / kappa`` (None: off);
             counts are in ``describe()``.
         woodbury_dtype: storage dtype of U (None, float32, bfloat16, float16; computed in
