@@ -28,13 +28,13 @@ from kfac_optim.demo import TASK_DEFAULTS, default_hparams, make_task, train_one
 # The grids behind the demo defaults: the same number of points for each optimizer.
 GRIDS: dict[str, dict[str, list[dict]]] = {
     "lm": {
-        "kfac": [dict(lr=lr, damping=d) for lr in (0.03, 0.1, 0.3) for d in (1e-3, 1e-2, 1e-1)],
-        "adamw": [dict(lr=lr, weight_decay=wd) for lr in (1e-3, 3e-3, 1e-2)
+        "kfac": [dict(lr=lr, damping=d) for lr in (0.3, 1.0, 3.0) for d in (0.01, 0.03, 0.1)],
+        "adamw": [dict(lr=lr, weight_decay=wd) for lr in (3e-4, 1e-3, 3e-3)
                   for wd in (0.0, 0.01, 0.1)],
-        "sgd": [dict(lr=lr, momentum=m) for lr in (0.1, 0.3, 1.0) for m in (0.9, 0.95, 0.99)],
+        "sgd": [dict(lr=lr, momentum=m) for lr in (0.03, 0.1, 0.3) for m in (0.9, 0.95, 0.99)],
     },
     "digits": {
-        "kfac": [dict(lr=lr, damping=d) for lr in (0.03, 0.1, 0.3) for d in (1e-2, 1e-1, 1.0)],
+        "kfac": [dict(lr=lr, damping=d) for lr in (0.3, 1.0, 3.0) for d in (1.0, 10.0, 100.0)],
         "adamw": [dict(lr=lr, weight_decay=wd) for lr in (3e-4, 1e-3, 3e-3)
                   for wd in (0.0, 0.01, 0.1)],
         "sgd": [dict(lr=lr, momentum=m) for lr in (0.01, 0.03, 0.1) for m in (0.9, 0.95, 0.99)],
@@ -78,12 +78,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"val {val:.4f}" + ("" if row["val_acc"] is None else f" acc {row['val_acc']:.4f}")
               + f"  {row['ms_per_step']:.1f} ms/step  ({time.perf_counter() - t0:.0f} s)"
               + ("  DIVERGED" if row["diverged"] or not math.isfinite(val) else ""), flush=True)
+        if args.out:  # after every point, so that an interrupted grid keeps what it ran
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(rows, indent=1))
     best = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
     print(f"best {args.opt}: {json.dumps(best['overrides'])} val {best['val_loss']:.4f}",
           file=sys.stderr)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1))
     return rows
 
 
