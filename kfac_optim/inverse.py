@@ -33,7 +33,8 @@ from torch import Tensor
 
 __all__ = [
     "DAMPING_MODES", "eigh_psd", "lowrank_eigh", "clip_condition", "factored_damping",
-    "precondition_eig", "robust_cholesky", "woodbury_solve", "precondition_woodbury_factored",
+    "precondition_eig", "damped_inverses", "robust_cholesky", "woodbury_solve",
+    "precondition_woodbury_factored",
 ]
 
 DAMPING_MODES = ("exact", "factored")
@@ -191,6 +192,20 @@ def precondition_eig(
     if q_a is not None:
         out = out @ q_a.t()
     return out.to(grad.dtype)
+
+
+def damped_inverses(
+    q_g: Tensor, s_g: Tensor, q_a: Tensor | None, s_a: Tensor, damping: float
+) -> tuple[Tensor, Tensor]:
+    """Explicit ``(G + lambda_G I)^{-1}`` (o, o) and ``(A + lambda_A I)^{-1}`` (d, d), or its
+    diagonal (d,) when ``q_a`` is None, for factored damping (pi-split as in
+    ``factored_damping``). Preconditioning is then 2 products per step instead of the 4 of
+    ``precondition_eig``; the inverses are rebuilt when the damping changes.
+    """
+    lam_a, lam_g = factored_damping(s_a.sum(), s_a.numel(), s_g.sum(), s_g.numel(), damping)
+    g_inv = (q_g / (s_g + lam_g)) @ q_g.t()
+    a_inv = 1.0 / (s_a + lam_a) if q_a is None else (q_a / (s_a + lam_a)) @ q_a.t()
+    return g_inv, a_inv
 
 
 def robust_cholesky(

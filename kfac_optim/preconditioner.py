@@ -35,6 +35,7 @@ from .factors import (
 )
 from .inverse import (
     clip_condition,
+    damped_inverses,
     eigh_psd,
     factored_damping,
     lowrank_eigh,
@@ -684,6 +685,15 @@ class KFACPreconditioner:
 
     def _precondition_layer(self, layer: _Layer, grad: Tensor, damping: float) -> Tensor:
         inv, cap = layer.inv, layer.capture
+        full_basis = "u" not in inv and inv["q_g"].shape[1] == inv["q_g"].shape[0]
+        if full_basis and self.options.damping_mode == "factored":
+            if layer.solver is None or layer.solver[0] != damping:
+                layer.solver = (damping, damped_inverses(inv["q_g"], inv["s_g"], inv["q_a"],
+                                                         inv["s_a"], damping))
+            g_inv, a_inv = layer.solver[1]
+            v = g_inv @ grad.to(g_inv.dtype)
+            v = v * a_inv if a_inv.dim() == 1 else v @ a_inv
+            return v.to(grad.dtype)
         if "u" not in inv:
             corrected = None if layer.ekfac is None else layer.ekfac.value()
             return precondition_eig(grad, inv["q_g"], inv["s_g"], inv["q_a"], inv["s_a"],
@@ -759,7 +769,7 @@ class KFACPreconditioner:
             low = _nbytes(layer.g.cols) if layer.low_rank else 0
             inv = sum(_nbytes(v) for v in (layer.inv or {}).values())
             if layer.solver is not None:
-                inv += _nbytes(layer.solver[1][1])
+                inv += sum(_nbytes(t) for t in layer.solver[1] if isinstance(t, Tensor))
             row = {"factors": dense, "inverses": inv, "low_rank": low,
                    "total": dense + inv + low}
             out[name] = row
