@@ -503,7 +503,7 @@ def _comparison(results: dict[str, Any]) -> str | None:
     lower = "K-FAC" if k["final_val_loss"] < a["final_val_loss"] else "AdamW"
     lines = [f"equal steps: K-FAC val loss {k['final_val_loss']:.4f} vs AdamW "
              f"{a['final_val_loss']:.4f} ({lower} lower)"]
-    budget = min(k["wall_s"], a["wall_s"])
+    budget = min(k["val_curve"][-1][1], a["val_curve"][-1][1])  # the shorter training time
     kv, av = val_loss_at_time(k["val_curve"], budget), val_loss_at_time(a["val_curve"], budget)
     if kv is not None and av is not None:
         lines.append(f"equal wall time ({budget:.1f} s of training, interpolated between "

@@ -18,7 +18,13 @@ from kfac_optim.data import (
     load_lm_data,
     load_text_tokens,
 )
-from kfac_optim.demo import build_lm_model, load_digits_model, main, parse_args
+from kfac_optim.demo import (
+    build_lm_model,
+    load_digits_model,
+    main,
+    parse_args,
+    val_loss_at_time,
+)
 from kfac_optim.options import KFACOptions
 
 RUN_KEYS = {"final_train_loss", "final_val_loss", "wall_s", "ms_per_step", "train_loss_curve",
@@ -138,3 +144,10 @@ def test_bad_optimizer_list_is_refused():
     with pytest.raises(SystemExit):
         parse_args(["--optimizers", "kfac,lbfgs"])
     assert parse_args(["--optimizers", "adamw, sgd"]).optimizers == ["adamw", "sgd"]
+
+
+def test_val_loss_at_time_interpolates_inside_the_curve_only():
+    curve = [[0, 0.0, 5.0], [10, 2.0, 3.0], [20, 4.0, 2.0]]
+    assert val_loss_at_time(curve, 1.0) == pytest.approx(4.0)
+    assert val_loss_at_time(curve, 4.0) == pytest.approx(2.0)
+    assert val_loss_at_time(curve, 4.5) is None
