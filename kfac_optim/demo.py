@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -615,7 +616,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                        schedule_final_ratio=0.1 if args.schedule == "cosine" else 1.0),
         "runs": {},
         "env": {"torch": torch.__version__, "python": platform.python_version(),
-                "threads": torch.get_num_threads(), "platform": platform.platform()},
+                "threads": torch.get_num_threads(), "platform": platform.platform(),
+                "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None},
     }
     try:
         import transformers
