@@ -2,7 +2,9 @@
 
 - Byte-level language modelling on the English text that ships with CPython
   (``pydoc_data.topics``: the help topics of the interactive ``help()``, about
-  465k characters), with a deterministic held-out tail.
+  465k characters), with a deterministic held-out tail; or the same text in a
+  byte-level BPE vocabulary (8k-16k ids) trained offline on the training part
+  with the ``tokenizers`` package.
 - scikit-learn's bundled 8x8 ``digits`` (1797 images, 10 classes), with a
   stratified held-out split and inputs standardized on the training split.
 
@@ -11,6 +13,7 @@ Nothing here downloads anything.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,6 +31,7 @@ __all__ = [
     "load_digits_data",
     "load_lm_data",
     "load_text_tokens",
+    "BPE_EOS",
 ]
 
 EOS_ID = 256
@@ -52,6 +56,10 @@ def load_text_tokens() -> Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
+BPE_EOS = "<|endoftext|>"
+VOCABS = ("byte", "bpe")
+
+
 @dataclass(frozen=True)
 class LMData:
     """A token stream split into a training head and a held-out tail.
@@ -59,26 +67,89 @@ class LMData:
     Attributes:
         train: ``(n_train,)`` int64 token ids.
         val: ``(n_val,)`` int64 token ids; the last ``val_fraction`` of the stream.
+        vocab_size: number of ids (257 for bytes).
+        eos_id: the end-of-document id.
+        token_bytes: ``(vocab_size,)`` int64, UTF-8 bytes each id stands for (the
+            end-of-document id counts 1, like the byte vocabulary's): turns a loss in
+            nats per token into bits per byte, comparable across vocabularies.
     """
 
     train: Tensor
     val: Tensor
+    vocab_size: int = VOCAB_SIZE
+    eos_id: int = EOS_ID
+    token_bytes: Tensor | None = None
+
+    def bits_per_byte(self, nats_per_token: float, tokens: Tensor) -> float:
+        """``nats_per_token`` (mean over the predicted ids of ``tokens``' rows, i.e. all
+        but the first of each row) as bits per UTF-8 byte of the predicted text."""
+        predicted = tokens[..., 1:]
+        nbytes = (predicted.numel() if self.token_bytes is None
+                  else int(self.token_bytes[predicted].sum()))
+        return nats_per_token * predicted.numel() / (nbytes * math.log(2))
 
 
-def load_lm_data(val_fraction: float = 0.1) -> LMData:
-    """Deterministic split of ``load_text_tokens()``: the last ``val_fraction`` is held out.
+def load_lm_data(val_fraction: float = 0.1, vocab: str = "byte",
+                 bpe_vocab_size: int = 8192) -> LMData:
+    """The demo corpus with its last ``val_fraction`` held out, in bytes or BPE ids.
 
     A contiguous tail (not random chunks) keeps the held-out text unseen: no training
-    window can overlap it.
+    window can overlap it. ``vocab="byte"`` splits ``load_text_tokens()``; ``"bpe"`` cuts
+    the same document stream (documents joined by ``BPE_EOS``) at the same fraction of
+    characters, trains a byte-level BPE tokenizer (``tokenizers``, GPT-2 style) of
+    ``bpe_vocab_size`` ids on the training part only, and encodes both parts with it.
 
     Raises:
-        ValueError: ``val_fraction`` not in (0, 1).
+        ValueError: ``val_fraction`` not in (0, 1), ``vocab`` not in ``("byte", "bpe")``,
+            ``bpe_vocab_size`` not in [512, 65536].
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if vocab not in VOCABS:
+        raise ValueError(f"vocab={vocab!r} is not accepted; accepted values: {VOCABS}")
+    if vocab == "bpe":
+        return _load_bpe_data(val_fraction, bpe_vocab_size)
     tokens = load_text_tokens()
     cut = int(round(len(tokens) * (1.0 - val_fraction)))
     return LMData(train=tokens[:cut], val=tokens[cut:])
+
+
+def _load_bpe_data(val_fraction: float, vocab_size: int) -> LMData:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not (
+            512 <= vocab_size <= 65536):
+        raise ValueError(f"bpe_vocab_size must be an int in [512, 65536], got {vocab_size!r}")
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = "".join(topics[key] + BPE_EOS for key in sorted(topics))
+    cut = int(round(len(text) * (1.0 - val_fraction)))
+    train_text, val_text = text[:cut], text[cut:]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BPE_EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(train_text.split(BPE_EOS), trainer=trainer)
+    eos = tokenizer.token_to_id(BPE_EOS)
+    size = tokenizer.get_vocab_size()
+    # Byte-level ids: each character of a token's string is one byte of the text.
+    token_bytes = torch.ones(size, dtype=torch.int64)
+    for token, i in tokenizer.get_vocab().items():
+        if i != eos:
+            token_bytes[i] = len(token)
+
+    def encode(part: str) -> Tensor:
+        ids: list[int] = []
+        for k, doc in enumerate(part.split(BPE_EOS)):
+            if k:
+                ids.append(eos)
+            ids.extend(tokenizer.encode(doc).ids)
+        return torch.tensor(ids, dtype=torch.int64)
+
+    return LMData(train=encode(train_text), val=encode(val_text), vocab_size=size,
+                  eos_id=eos, token_bytes=token_bytes)
 
 
 def lm_batches(tokens: Tensor, batch_size: int, seq_len: int, seed: int) -> Iterator[Tensor]:

@@ -13,7 +13,12 @@ Tasks:
 - ``lm`` (default): a small GPT-2 (``transformers.GPT2LMHeadModel``, byte-level
   vocabulary of 257 ids) on the English text that ships with CPython
   (``pydoc_data.topics``), last 10% held out. GPT-2 ties ``lm_head`` to ``wte``;
-  K-FAC preconditions the tied matrix with the ``lm_head`` factors.
+  K-FAC preconditions the tied matrix with the ``lm_head`` factors. ``--vocab bpe``
+  trains a byte-level BPE vocabulary (``--bpe-vocab-size``, 8192 ids) on the
+  training text with ``tokenizers``: the head's G (8192 x 8192) then runs on the
+  Woodbury policy under ``inverse_policy="auto"``, with a truncated low-rank EMA
+  (``woodbury_rank``). Held-out loss is also reported in bits per byte, comparable
+  across vocabularies.
 - ``digits``: scikit-learn's 8x8 digits with an MLP 64-256-256-10 (or ``--model
   cnn``), stratified 20% held out.
 
@@ -81,30 +86,44 @@ DEFAULT_HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+# --vocab bpe: K-FAC's settings that differ from the byte vocabulary's. The 8192 x 8192
+# head G gets 2016 new columns per factor update: auto keeps it on Woodbury by truncating
+# the EMA to its top 512 eigenpairs (O(o (r + T)^2 + (r + T)^3) per update: a few
+# seconds on 2 cores, so factors every 10 steps).
+BPE_KFAC_HPARAMS: dict[str, Any] = dict(inverse_policy="auto", woodbury_rank=512,
+                                        factor_update_steps=10, inv_update_steps=10)
+
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "lm": dict(steps=400, batch_size=32, seq_len=64, n_layer=2, n_embd=128, n_head=4,
-               eval_every=50, eval_chunks=256),
+               eval_every=50, eval_chunks=256, vocab="byte", bpe_vocab_size=8192),
     "digits": dict(steps=300, batch_size=64, model="mlp", hidden=256, eval_every=25),
 }
 
 
-def default_hparams(task: str, optimizer: str) -> dict[str, Any]:
-    """A copy of the tuned default hyperparameters of ``optimizer`` on ``task``.
+def default_hparams(task: str, optimizer: str, vocab: str = "byte") -> dict[str, Any]:
+    """A copy of the tuned default hyperparameters of ``optimizer`` on ``task``
+    (for ``vocab="bpe"``, K-FAC's are updated with ``BPE_KFAC_HPARAMS``).
 
     Raises:
-        ValueError: unknown ``task`` or ``optimizer``.
+        ValueError: unknown ``task``, ``optimizer`` or ``vocab``.
     """
     if task not in DEFAULT_HPARAMS:
         raise ValueError(f"task={task!r}; accepted: {TASKS}")
     if optimizer not in DEFAULT_HPARAMS[task]:
         raise ValueError(f"optimizer={optimizer!r}; accepted: {OPTIMIZERS}")
-    return dict(DEFAULT_HPARAMS[task][optimizer])
+    if vocab not in demo_data.VOCABS:
+        raise ValueError(f"vocab={vocab!r}; accepted: {demo_data.VOCABS}")
+    hp = dict(DEFAULT_HPARAMS[task][optimizer])
+    if vocab == "bpe" and optimizer == "kfac":
+        hp.update(BPE_KFAC_HPARAMS)
+    return hp
 
 
 # Models ------------------------------------------------------------------------
 def build_lm_model(n_layer: int = 2, n_embd: int = 128, n_head: int = 4,
-                   seq_len: int = 64) -> nn.Module:
-    """A small GPT-2 (``GPT2LMHeadModel``) over the 257-id byte vocabulary.
+                   seq_len: int = 64, vocab_size: int = demo_data.VOCAB_SIZE,
+                   eos_id: int = demo_data.EOS_ID) -> nn.Module:
+    """A small GPT-2 (``GPT2LMHeadModel``), by default over the 257-id byte vocabulary.
 
     Dropout is off (short runs; it would only add noise to the comparison);
     ``lm_head`` is tied to ``wte`` as in GPT-2. Seed the global RNG first for a
@@ -115,10 +134,10 @@ def build_lm_model(n_layer: int = 2, n_embd: int = 128, n_head: int = 4,
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=demo_data.VOCAB_SIZE, n_positions=seq_len, n_embd=n_embd,
+    config = GPT2Config(vocab_size=vocab_size, n_positions=seq_len, n_embd=n_embd,
                         n_layer=n_layer, n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, bos_token_id=demo_data.EOS_ID,
-                        eos_token_id=demo_data.EOS_ID, tie_word_embeddings=True)
+                        attn_pdrop=0.0, bos_token_id=eos_id, eos_token_id=eos_id,
+                        tie_word_embeddings=True)
     model = GPT2LMHeadModel(config)
     # The default causal-LM loss, named so transformers does not warn that it guessed it.
     model.loss_type = "ForCausalLM"
@@ -214,17 +233,19 @@ def _evaluate_with(model: nn.Module, fn: Callable[[], dict[str, float]]) -> dict
 
 
 def _lm_task(cfg: dict[str, Any]) -> Task:
-    lm = demo_data.load_lm_data()
+    lm = demo_data.load_lm_data(vocab=cfg["vocab"], bpe_vocab_size=cfg["bpe_vocab_size"])
     val_chunks = demo_data.lm_eval_chunks(lm.val, cfg["seq_len"], cfg["eval_chunks"])
     # The same number of windows from the training text, for a comparable train loss.
     train_chunks = demo_data.lm_eval_chunks(lm.train, cfg["seq_len"], len(val_chunks))
     config = dict(cfg, train_tokens=len(lm.train), val_tokens=len(lm.val),
-                  eval_val_tokens=val_chunks.numel(), vocab_size=demo_data.VOCAB_SIZE)
+                  eval_val_tokens=val_chunks.numel(), vocab_size=lm.vocab_size)
 
     def evaluate(model: nn.Module) -> dict[str, float]:
-        return _evaluate_with(model, lambda: {
-            "val_loss": _lm_eval_loss(model, val_chunks),
-            "train_loss": _lm_eval_loss(model, train_chunks)})
+        def run() -> dict[str, float]:
+            val = _lm_eval_loss(model, val_chunks)
+            return {"val_loss": val, "val_bpb": lm.bits_per_byte(val, val_chunks),
+                    "train_loss": _lm_eval_loss(model, train_chunks)}
+        return _evaluate_with(model, run)
 
     def save(model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
@@ -232,7 +253,7 @@ def _lm_task(cfg: dict[str, Any]) -> Task:
     return Task(
         name="lm", config=config,
         build_model=lambda: build_lm_model(cfg["n_layer"], cfg["n_embd"], cfg["n_head"],
-                                           cfg["seq_len"]),
+                                           cfg["seq_len"], lm.vocab_size, lm.eos_id),
         batches=lambda seed: demo_data.lm_batches(lm.train, cfg["batch_size"], cfg["seq_len"],
                                                   seed),
         loss=_lm_loss, evaluate=evaluate, save_model=save)
@@ -400,11 +421,12 @@ def train_one(task: Task, name: str, hp: dict[str, Any], *, steps: int, seed: in
         "train_loss_curve": train_curve,
         "val_curve": val_curve,
     }
-    for key in ("train_acc", "val_acc"):
+    for key in ("train_acc", "val_acc", "val_bpb"):
         if key in final:
             result[f"final_{key}"] = final[key]
     if name == "kfac":
         result["kfac_skipped_steps"] = opt.skipped_steps
+        result["kfac_layers"] = _jsonable(opt.preconditioner.describe())
     if keep:
         result["model"], result["optimizer"] = model, opt
     return result
@@ -477,13 +499,18 @@ def plot_losses(results: dict[str, Any], path: Path) -> None:
 def format_table(results: dict[str, Any]) -> str:
     """The printed summary table (one row per optimizer)."""
     with_acc = any("final_val_acc" in r for r in results["runs"].values())
+    with_bpb = any("final_val_bpb" in r for r in results["runs"].values())
     head = ["optimizer", "train loss", "val loss"]
+    if with_bpb:
+        head += ["val bpb"]
     if with_acc:
         head += ["train acc", "val acc"]
     head += ["wall s", "ms/step"]
     rows = [head]
     for name, r in results["runs"].items():
         row = [name, f"{r['final_train_loss']:.4f}", f"{r['final_val_loss']:.4f}"]
+        if with_bpb:
+            row += [f"{r['final_val_bpb']:.4f}"]
         if with_acc:
             row += [f"{r['final_train_acc']:.4f}", f"{r['final_val_acc']:.4f}"]
         row += [f"{r['wall_s']:.1f}", f"{r['ms_per_step']:.1f}"]
@@ -535,6 +562,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--n-embd", type=int, help="GPT-2 width (128)")
     g.add_argument("--n-head", type=int, help="attention heads (4)")
     g.add_argument("--eval-chunks", type=int, help="held-out windows evaluated (256)")
+    g.add_argument("--vocab", choices=demo_data.VOCABS,
+                   help="byte (257 ids, default) or bpe (trained on the training text)")
+    g.add_argument("--bpe-vocab-size", type=int, help="BPE ids with --vocab bpe (8192)")
     g = p.add_argument_group("digits model")
     g.add_argument("--model", choices=("mlp", "cnn"), help="digits model (mlp)")
     g.add_argument("--hidden", type=int, help="MLP width (256)")
@@ -549,6 +579,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--factor-update-steps", type=int, help="K-FAC factor update period")
     g.add_argument("--inv-update-steps", type=int, help="K-FAC eigendecomposition period")
     g.add_argument("--factor-decay", type=float, help="K-FAC factor EMA decay")
+    g.add_argument("--inverse-policy", choices=("eig", "woodbury", "auto", "hybrid"),
+                   help="K-FAC inverse policy (byte: eig; bpe: auto)")
+    g.add_argument("--woodbury-rank", type=int,
+                   help="K-FAC truncated low-rank EMA columns (bpe: 512)")
     g.add_argument("--kfac-momentum", type=float)
     g.add_argument("--sgd-momentum", type=float)
     g.add_argument("--weight-decay", type=float, help="weight decay of all three optimizers")
@@ -561,8 +595,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--optimizers: {args.optimizers!r}; accepted: comma-separated distinct "
                 f"names from {OPTIMIZERS}")
     args.optimizers = names
+    if args.task != "lm" and (args.vocab or args.bpe_vocab_size):
+        p.error("--vocab and --bpe-vocab-size apply to --task lm only")
     for key in ("steps", "batch_size", "seq_len", "n_layer", "n_embd", "n_head", "hidden",
-                "eval_chunks"):
+                "eval_chunks", "woodbury_rank"):
         value = getattr(args, key)
         if value is not None and value < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
@@ -570,12 +606,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _hparams_from_args(task: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    hps = {name: default_hparams(task, name) for name in args.optimizers}
+    hps = {name: default_hparams(task, name, args.vocab or "byte") for name in args.optimizers}
     overrides = {
         "kfac": dict(lr=args.kfac_lr, damping=args.damping, damping_mode=args.damping_mode,
                      factor_update_steps=args.factor_update_steps,
                      inv_update_steps=args.inv_update_steps, factor_decay=args.factor_decay,
-                     momentum=args.kfac_momentum, weight_decay=args.weight_decay),
+                     momentum=args.kfac_momentum, weight_decay=args.weight_decay,
+                     inverse_policy=args.inverse_policy, woodbury_rank=args.woodbury_rank),
         "adamw": dict(lr=args.adamw_lr, weight_decay=args.weight_decay),
         "sgd": dict(lr=args.sgd_lr, momentum=args.sgd_momentum, weight_decay=args.weight_decay),
     }
@@ -602,7 +639,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     task = make_task(args.task, steps=args.steps, batch_size=args.batch_size,
                      eval_every=args.eval_every, seq_len=args.seq_len, n_layer=args.n_layer,
                      n_embd=args.n_embd, n_head=args.n_head, eval_chunks=args.eval_chunks,
-                     model=args.model, hidden=args.hidden, seed=args.seed)
+                     model=args.model, hidden=args.hidden, seed=args.seed, vocab=args.vocab,
+                     bpe_vocab_size=args.bpe_vocab_size)
     cfg = task.config
     steps = cfg["steps"]
     warmup = args.warmup if args.warmup is not None else max(1, steps // 20)
@@ -644,7 +682,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
     print()
-    print(f"task={args.task}  steps={steps}  seed={args.seed}  "
+    vocab = f"  vocab={cfg['vocab']}:{cfg['vocab_size']}" if args.task == "lm" else ""
+    print(f"task={args.task}{vocab}  steps={steps}  seed={args.seed}  "
           f"batch={cfg['batch_size']}  threads={torch.get_num_threads()}")
     print(format_table(results))
     comparison = _comparison(results)

@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .inverse import lowrank_eigh
+
 __all__ = [
     "KFAC_APPROXIMATIONS", "input_rows", "eigenbasis_second_moments",
     "embedding_input_statistics", "output_grad_rows", "RunningFactor", "LowRankFactor",
@@ -287,6 +289,12 @@ class LowRankFactor:
         cols = block * (1.0 - decay) ** 0.5
         if self.cols is not None:
             cols = torch.cat([self.cols.to(device, block.dtype) * decay**0.5, cols], 1)
+        self._store(cols, device)
+        self.weight = decay * self.weight + (1.0 - decay)
+        self.updates += 1
+
+    def _store(self, cols: Tensor, device: torch.device) -> None:
+        """Keep ``cols`` in the storage dtype on the device the store policy picks."""
         if self.storage_dtype is not None:
             cols = cols.to(self.storage_dtype)
         store = choose_store_device(cols.numel() * cols.element_size(), device,
@@ -297,8 +305,37 @@ class LowRankFactor:
                 cols = cols.pin_memory()
         self.cols = cols
         self.compute_device = device
-        self.weight = decay * self.weight + (1.0 - decay)
-        self.updates += 1
+
+    def truncate(self, rank: int, *, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> float | None:
+        """Keep the top ``rank`` eigen-directions of ``U U^T`` (the truncated EMA).
+
+        ``U U^T = Q diag(s) Q^T`` (``lowrank_eigh``, O(o k^2 + k^3)); ``U`` becomes
+        ``Q_r diag(s_r)^{1/2}`` (o, rank) with the ``rank`` largest ``s``: by
+        Eckart-Young the best rank-``rank`` approximation of the stored factor in the
+        Frobenius and spectral norms. Applied after every update, the EMA becomes
+        ``G_t = top_r(decay G_{t-1} + (1 - decay) G_batch)``.
+
+        Args:
+            rank: columns kept (>= 1). Nothing happens while ``self.rank <= rank``.
+            dtype, device: solver dtype and device (as ``eigh_psd``).
+
+        Returns:
+            The fraction of ``trace(U U^T)`` dropped (0.0 when nothing was dropped), or
+            None when the eigensolver failed (the factor is then left as it was).
+        """
+        if self.cols is None or self.rank <= rank:
+            return 0.0
+        device_c = getattr(self, "compute_device", self.cols.device)
+        u = _compute(self.cols.to(device_c))
+        eig = lowrank_eigh(u, dtype=dtype, device=device)
+        if eig is None:
+            return None
+        s, q = eig  # ascending
+        total = float(s.sum())
+        kept = s[-rank:]
+        self._store(q[:, -rank:] * kept.sqrt(), device_c)
+        return 0.0 if total <= 0 else max(0.0, 1.0 - float(kept.sum()) / total)
 
     def factor(self) -> Tensor | None:
         """``U / sqrt(w)`` (o, k) on the compute device, at least float32: the

@@ -78,6 +78,7 @@ class KFACOptions:
     factor_dtype: torch.dtype | None = None
     inv_dtype: torch.dtype | None = None
     woodbury_max_rank: int = 8192
+    woodbury_rank: int | None = None
     auto_rho: float = 0.75
     auto_t_max: int = 8192
     hybrid_min_out: int = 4096
@@ -114,6 +115,11 @@ class KFACOptions:
         for name in ("woodbury_max_rank", "auto_t_max", "hybrid_min_out", "accumulation_steps",
                      "woodbury_store_threshold_bytes"):
             _check_steps(name, getattr(self, name))
+        if self.woodbury_rank is not None:
+            _check_steps("woodbury_rank", self.woodbury_rank)
+            if self.woodbury_rank > self.woodbury_max_rank:
+                raise ValueError(f"woodbury_rank={self.woodbury_rank} must be <= "
+                                 f"woodbury_max_rank={self.woodbury_max_rank} (or None)")
         if not _is_real(self.auto_rho) or self.auto_rho <= 0:
             raise ValueError(f"auto_rho must be a real number > 0, got {self.auto_rho!r}")
         if self.max_condition_number is not None and (
@@ -171,6 +177,12 @@ class KFACOptions:
         if self.inverse_policy == "hybrid":
             return out_features >= self.hybrid_min_out
         return self.inverse_policy in ("woodbury", "auto")
+
+    def truncates(self, out_features: int) -> bool:
+        """Whether a low-rank G of this layer is kept at ``woodbury_rank`` columns
+        (truncated EMA) instead of growing until ``max_low_rank`` and turning dense."""
+        return (self.woodbury_rank is not None
+                and self.woodbury_rank <= self.max_low_rank(out_features))
 
     def max_low_rank(self, out_features: int) -> int:
         """Columns past which a low-rank G becomes dense: ``woodbury_max_rank``, and under

@@ -208,6 +208,15 @@ class KFACPreconditioner:
             factors; a low-rank G past ``woodbury_max_rank`` columns becomes dense (logged).
         woodbury_max_rank, auto_rho, auto_t_max, hybrid_min_out: see ``inverse_policy``
             (defaults 8192, 0.75, 8192, 4096; rho measured, ``KFACOptions.max_low_rank``).
+        woodbury_rank: None (default: the stack grows until it turns dense) or r >= 1: a
+            truncated EMA. After each factor update a low-rank G with more than r columns
+            keeps its top r eigenpairs, ``G_t = top_r(decay G_{t-1} + (1 - decay)
+            G_batch)`` (Eckart-Young optimal; ``LowRankFactor.truncate``), at
+            O(o (r + T)^2) per update; the trace fraction dropped is ``dropped_G`` in
+            ``describe()``. Applies to layers whose ``max_low_rank`` is >= r (others turn
+            dense as before); must be <= ``woodbury_max_rank``. This is what keeps a
+            large-vocabulary head on Woodbury when T tokens per update would otherwise
+            pass ``auto_rho * o`` after a few updates.
         max_condition_number: clip factor eigenvalues below ``max / kappa`` (None: off);
             counts are in ``describe()``.
         woodbury_dtype: storage dtype of U (None, float32, bfloat16, float16; computed in
@@ -568,13 +577,26 @@ class KFACPreconditioner:
             layer.g.update(g, decay)
             layer.diag["T"] = g.shape[1] if layer.low_rank else None
             if layer.low_rank:
-                limit = self.options.max_low_rank(layer.capture.out_features)
-                if layer.g.rank > limit:
-                    log.info("K-FAC layer '%s': low-rank G reached %d columns (> %d): switching "
-                             "to a dense G and the eig policy", layer.capture.name,
-                             layer.g.rank, limit)
-                    layer.g = layer.g.to_dense()
+                self._bound_rank(layer)
         return counts
+
+    def _bound_rank(self, layer: _Layer) -> None:
+        """Keep a low-rank G within its column budget: truncate it to ``woodbury_rank``
+        where that is set and within ``max_low_rank``; otherwise (or if the truncation's
+        eigensolver fails) turn it dense once it passes ``max_low_rank``."""
+        opts, o = self.options, layer.capture.out_features
+        if opts.truncates(o) and layer.g.rank > opts.woodbury_rank:
+            dropped = layer.g.truncate(opts.woodbury_rank, dtype=opts.inv_dtype,
+                                       device=opts.inv_device)
+            if dropped is not None:
+                layer.diag["dropped_G"] = dropped
+                log.debug("K-FAC layer '%s': low-rank G truncated to %d columns, %.3g of its "
+                          "trace dropped", layer.capture.name, opts.woodbury_rank, dropped)
+        limit = opts.max_low_rank(o)
+        if layer.g.rank > limit:
+            log.info("K-FAC layer '%s': low-rank G reached %d columns (> %d): switching "
+                     "to a dense G and the eig policy", layer.capture.name, layer.g.rank, limit)
+            layer.g = layer.g.to_dense()
 
     def _update_eigenvalue_corrections(self, counts: dict[str, Tensor]) -> None:
         for name, layer in self._layers.items():
@@ -740,7 +762,8 @@ class KFACPreconditioner:
             "damping_mode": self.options.damping_mode, "jitter": d.get("jitter"),
             "cond_A": d.get("cond_A"), "cond_G": d.get("cond_G"),
             "clipped_A": d.get("clipped_A", 0), "clipped_G": d.get("clipped_G", 0),
-            "factor_updates": layer.a.updates, "nonfinite_skips": layer.nonfinite_skips,
+            "dropped_G": d.get("dropped_G"), "factor_updates": layer.a.updates,
+            "nonfinite_skips": layer.nonfinite_skips,
         }
 
     def describe(self) -> list[dict[str, Any]]:
@@ -750,7 +773,8 @@ class KFACPreconditioner:
         by the last low-rank update), rank (columns of a low-rank G, else o), damping,
         damping_mode, jitter (Cholesky jitter of the Woodbury system, factored mode),
         cond_A, cond_G (condition numbers after clipping; inf when singular), clipped_A,
-        clipped_G (eigenvalues raised by ``max_condition_number``), factor_updates,
+        clipped_G (eigenvalues raised by ``max_condition_number``), dropped_G (trace
+        fraction the last ``woodbury_rank`` truncation dropped, None if none), factor_updates,
         nonfinite_skips. ``pandas.DataFrame(pre.describe())`` makes it a table.
         """
         return [self._describe(layer) for layer in self._layers.values()]

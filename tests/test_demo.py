@@ -93,6 +93,44 @@ def test_lm_demo_smoke(tmp_path, capsys):
     assert "lm_head" in pre.layer_names  # the tied wte/lm_head matrix, with lm_head factors
 
 
+def test_lm_demo_bpe_head_runs_on_truncated_woodbury(tmp_path):
+    """--vocab bpe: a 512-id BPE head (o=512) under auto, 60 tokens per factor update,
+    truncated to 32 columns: the head stays on Woodbury and bits per byte are reported."""
+    out = tmp_path / "bpe"
+    main(["--vocab", "bpe", "--bpe-vocab-size", "512", "--steps", "4", "--eval-every", "0",
+          "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--seq-len", "16",
+          "--batch-size", "4", "--eval-chunks", "4", "--woodbury-rank", "32",
+          "--factor-update-steps", "1", "--inv-update-steps", "2", "--out", str(out),
+          "--no-progress"])
+    results = _check_results(out, "lm", 4)
+    assert results["config"]["vocab"] == "bpe" and results["config"]["vocab_size"] == 512
+    kfac = results["runs"]["kfac"]
+    assert kfac["hparams"]["inverse_policy"] == "auto"
+    head = {row["layer"]: row for row in kfac["kfac_layers"]}["lm_head"]
+    assert head["policy"] == "woodbury" and head["rank"] == 32 and head["dropped_G"] > 0
+    for run in results["runs"].values():  # BPE ids carry several bytes each
+        assert 0 < run["final_val_bpb"] < run["final_val_loss"] / math.log(2)
+
+
+def test_bpe_split_is_deterministic_and_counts_bytes():
+    from pydoc_data.topics import topics
+
+    from kfac_optim.data import BPE_EOS
+
+    a, b = load_lm_data(vocab="bpe", bpe_vocab_size=1024), load_lm_data(vocab="bpe",
+                                                                         bpe_vocab_size=1024)
+    assert a.vocab_size == 1024 and torch.equal(a.train, b.train) and torch.equal(a.val, b.val)
+    assert int(torch.cat([a.train, a.val]).max()) < 1024
+    text = "".join(topics[k] + BPE_EOS for k in sorted(topics))
+    val_text = text[int(round(0.9 * len(text))):]
+    # Every id's byte count adds up to the held-out text's UTF-8 size (EOS counts 1).
+    assert int(a.token_bytes[a.val].sum()) == len(val_text.replace(BPE_EOS, "\0").encode())
+    with pytest.raises(ValueError, match="vocab"):
+        load_lm_data(vocab="word")
+    with pytest.raises(ValueError, match="bpe_vocab_size"):
+        load_lm_data(vocab="bpe", bpe_vocab_size=100)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_digits_demo_smoke(tmp_path, kind):
     steps = 5

@@ -116,6 +116,81 @@ def test_woodbury_rank_limit_falls_back_to_dense_and_says_so(caplog):
         torch.testing.assert_close(g, r, **TOL)
 
 
+def _top_r(m, r):
+    """Best rank-r approximation of a symmetric PSD matrix (dense float64 eigh)."""
+    s, q = torch.linalg.eigh(m)
+    return (q[:, -r:] * s[-r:]) @ q[:, -r:].T, 1 - float(s[-r:].sum() / s.sum())
+
+
+def test_truncated_low_rank_factor_matches_dense_recursion():
+    """LowRankFactor.truncate keeps G_t = top_r(decay G_{t-1} + (1 - decay) G_batch)."""
+    from kfac_optim.factors import LowRankFactor
+
+    g = torch.Generator().manual_seed(0)
+    decay, r, weight = 0.8, 6, 0.0
+    lr = LowRankFactor()
+    ref = torch.zeros(30, 30, dtype=torch.float64)
+    for _ in range(4):
+        rows = torch.randn(5, 30, generator=g, dtype=torch.float64)
+        lr.add(rows, 5.0)
+        lr.update(lr.take_batch(), decay)
+        ref, dropped_ref = _top_r(decay * ref + (1 - decay) * rows.T @ rows / 5, r)
+        weight = decay * weight + (1 - decay)
+        dropped = lr.truncate(r)
+        assert lr.rank == min(r, lr.rank)
+        torch.testing.assert_close(lr.value(), ref / weight, rtol=1e-9, atol=1e-12)
+        if lr.updates > 1:  # the first block has rank 5 < r: nothing to drop
+            assert dropped == pytest.approx(dropped_ref, rel=1e-9)
+
+
+def test_truncation_is_lossless_when_the_stack_fits_the_rank():
+    """The same batch every step: the stack has rank 8, so woodbury_rank=8 drops nothing and
+    all steps match the eig policy (rtol 1e-7)."""
+    batches = _batches(1) * 4
+    for mode in ("exact", "factored"):
+        ref, _ = _run_policy("eig", mode, batches)
+        got, pre = _run_policy("woodbury", mode, batches, woodbury_rank=8)
+        for step_ref, step_got in zip(ref, got, strict=True):
+            for r, g in zip(step_ref, step_got, strict=True):
+                torch.testing.assert_close(g, r, **TOL)
+        row = {r["layer"]: r for r in pre.describe()}["wide"]
+        assert row["rank"] == 8 and row["dropped_G"] < 1e-12
+
+
+def test_truncated_auto_stays_woodbury_and_matches_dense_reference():
+    """auto with rho 0.75 would turn the wide layer (o=40, 4 x 8 columns) dense; with
+    woodbury_rank=12 it stays low rank, and each step's preconditioned gradient equals the
+    explicit Kronecker solve with the truncated G recursion built here from the batch Gs."""
+    batches, decay, r, lam = _batches(), 0.7, 12, 1e-2
+    torch.manual_seed(0)
+    model = Net().double()
+    pre = KFACPreconditioner(model, damping=lam, factor_decay=decay, factor_update_steps=1,
+                             inv_update_steps=1, kl_clip=None, inverse_policy="auto",
+                             woodbury_rank=r)
+    ref_g, weight = torch.zeros(40, 40, dtype=torch.float64), 0.0
+    for x, y in batches:
+        # Output gradients of the wide layer, outside the model (its hooks would capture).
+        w1, b1, w2, b2 = (p.detach() for p in model.parameters())
+        h = F.linear(x, w1, b1).requires_grad_()
+        (gh,) = torch.autograd.grad(
+            F.cross_entropy(F.linear(torch.tanh(h), w2, b2), y, reduction="sum"), h)
+        g_batch = gh.T @ gh / len(x)  # G = (1/N) sum g g^T, g of the summed loss
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        v = grad_matrix(model.wide.weight, model.wide.bias)
+        pre.step()
+        ref_g, _ = _top_r(decay * ref_g + (1 - decay) * g_batch, r)
+        weight = decay * weight + (1 - decay)
+        layer = pre._layers["wide"]
+        assert layer.low_rank and layer.g.rank == min(r, 8 * layer.g.updates)
+        want = kron_exact(v, layer.a.value(), ref_g / weight, lam)
+        torch.testing.assert_close(grad_matrix(model.wide.weight, model.wide.bias), want,
+                                   rtol=1e-7, atol=1e-9)
+    row = {r["layer"]: r for r in pre.describe()}
+    assert row["wide"]["policy"] == "woodbury" and row["wide"]["dropped_G"] > 0
+    assert row["narrow"]["policy"] == "eig"  # 8 rows > rho * 5: dense from the start
+
+
 @pytest.mark.parametrize("policy", ["eig", "woodbury"])
 def test_condition_number_clipping_counts_and_matches_reference(policy):
     torch.manual_seed(0)
@@ -311,6 +386,8 @@ def test_resume_with_woodbury_policy_is_exact():
 
 POLICY_ERRORS = [
     (dict(woodbury_max_rank=0), ValueError, "woodbury_max_rank"),
+    (dict(woodbury_rank=0), ValueError, "woodbury_rank"),
+    (dict(woodbury_rank=100, woodbury_max_rank=50), ValueError, "woodbury_rank"),
     (dict(auto_rho=0.0), ValueError, "auto_rho"),
     (dict(auto_t_max=1.5), TypeError, "auto_t_max"),
     (dict(hybrid_min_out=-1), ValueError, "hybrid_min_out"),
