@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerCapture", "capture_for", "is_supported", "SUPPORTED_MODULES"]
+__all__ = ["LayerCapture", "capture_for", "is_supported", "SUPPORTED_MODULES", "fsdp1_root",
+           "strip_wrapper_names"]
 
 SUPPORTED_MODULES = ("Linear", "Conv2d", "Embedding", "transformers Conv1D")
 
@@ -60,6 +61,53 @@ def _is_dtensor(t: Tensor) -> bool:
     return type(t).__name__ == "DTensor"
 
 
+# FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel) flattens every parameter of a
+# wrapped unit into one FlatParameter and marks the originals with this attribute; outside
+# forward/backward an original (use_orig_params=True) is a 1-D view of the part of it that
+# falls in this rank's shard (possibly empty), and its grad is that slice or None.
+_FSDP1_FLATTENED = "_fsdp_flattened"
+_FSDP1_WRAPPED = "_fsdp_wrapped_module"
+_FSDP1_WORKS = ("use FSDP1 with use_orig_params=True and build K-FAC on the wrapper, or FSDP2 "
+                "(torch.distributed.fsdp.fully_shard), or DDP")
+
+
+def _is_fsdp1_wrapper(module: nn.Module) -> bool:
+    return type(module).__name__ == "FullyShardedDataParallel" and hasattr(module, _FSDP1_WRAPPED)
+
+
+def fsdp1_root(model: nn.Module) -> nn.Module | None:
+    """The module to gather FSDP1 parameters through, or None when ``model`` has none.
+
+    K-FAC needs whole weight matrices: under FSDP1 each step's gradients are seen whole
+    inside ``FullyShardedDataParallel.summon_full_params(root, with_grads=True)``, which
+    needs ``use_orig_params=True`` and the wrappers inside ``model``.
+
+    Raises:
+        ValueError: FSDP1 with ``use_orig_params=False`` (only FlatParameters are left), or
+            FSDP1-flattened parameters whose wrapper is not in ``model`` (K-FAC was given
+            the wrapper's inner module); the message says what works.
+    """
+    wrappers = [m for m in model.modules() if _is_fsdp1_wrapper(m)]
+    if any(not getattr(w, "_use_orig_params", True) for w in wrappers) or any(
+            type(p).__name__ == "FlatParameter" for p in model.parameters()):
+        raise ValueError("K-FAC cannot precondition FSDP1 (torch.distributed.fsdp."
+                         "FullyShardedDataParallel) with use_orig_params=False: its parameters "
+                         f"are flat shards that cut across layers; {_FSDP1_WORKS}")
+    if wrappers:
+        return model
+    if any(getattr(p, _FSDP1_FLATTENED, False) for p in model.parameters()):
+        raise ValueError("K-FAC was given the inner module of an FSDP1 (torch.distributed.fsdp."
+                         "FullyShardedDataParallel) wrapper: its parameters are flat shards "
+                         f"outside forward; {_FSDP1_WORKS}")
+    return None
+
+
+def strip_wrapper_names(name: str) -> str:
+    """A module name without FSDP1's ``_fsdp_wrapped_module`` segments (the name the layer
+    has in the unwrapped model, so checkpoints and ``skip_layers`` carry over)."""
+    return ".".join(part for part in name.split(".") if part != _FSDP1_WRAPPED)
+
+
 def _rows_of_vectors(x: Tensor) -> Tensor:
     """``(..., f)`` -> ``(B, R, f)``: leading dim is the batch, the rest are positions."""
     if x.dim() == 1:
@@ -85,6 +133,8 @@ class LayerCapture:
     def __init__(self, name: str, module: nn.Module):
         self.name = name
         self.module = module
+        # Read once, while the weight is whole: FSDP1 leaves a flat shard between steps.
+        self._shape = self._weight_shape()
 
     @property
     def weight(self) -> Tensor:
@@ -122,11 +172,11 @@ class LayerCapture:
     # Generic ------------------------------------------------------------------
     @property
     def out_features(self) -> int:
-        return self._weight_shape()[0]
+        return self._shape[0]
 
     @property
     def in_features(self) -> int:
-        return self._weight_shape()[1] + int(self.has_bias)
+        return self._shape[1] + int(self.has_bias)
 
     def _weight_shape(self) -> tuple[int, int]:
         w = self.weight
@@ -136,8 +186,18 @@ class LayerCapture:
         return self.weight.grad is not None
 
     def grad_matrix(self) -> Tensor:
-        """Gradient as ``(o, d [+1])``, bias gradient as the last column."""
+        """Gradient as ``(o, d [+1])``, bias gradient as the last column.
+
+        Raises:
+            RuntimeError: the gradient is not the whole weight's (an FSDP1 flat shard: K-FAC
+                was built before wrapping, or is stepped outside its gather).
+        """
         v = self._weight_matrix_grad()
+        if tuple(v.shape) != self._shape:
+            raise RuntimeError(
+                f"layer '{self.name}': gradient of shape {tuple(self.weight.grad.shape)}, not "
+                f"the whole weight's (o, d) = {self._shape}: a flat shard, as FSDP1 leaves "
+                f"between steps; {_FSDP1_WORKS}")
         if self.has_bias:
             b = self.bias.grad
             b = torch.zeros_like(v[:, 0]) if b is None else _full(b)

@@ -15,8 +15,8 @@ from .preconditioner import KFACPreconditioner
 __all__ = ["KFAC"]
 
 
-_SUPPORTED_SHARDING = ("single process, DDP, FSDP2 (fully_shard), Accelerate, "
-                       "DeepSpeed ZeRO stage 0")
+_SUPPORTED_SHARDING = ("single process, DDP, FSDP2 (fully_shard), FSDP1 with "
+                       "use_orig_params=True, Accelerate, DeepSpeed ZeRO stage 0")
 
 
 def _refuse_partitioned(groups: list[dict], model_params: set[int] | None = None) -> None:

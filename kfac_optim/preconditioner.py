@@ -7,6 +7,7 @@ preconditioned gradients written back into ``p.grad``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -43,7 +44,7 @@ from .inverse import (
     precondition_woodbury_factored,
     robust_cholesky,
 )
-from .layers import LayerCapture, capture_for, is_supported
+from .layers import LayerCapture, capture_for, fsdp1_root, is_supported, strip_wrapper_names
 from .options import KFACOptions, check_kl_clip, check_nonneg
 
 __all__ = ["KFACPreconditioner"]
@@ -129,9 +130,11 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / FSDP1 wrappers (its forward sees the call's kwargs)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    while isinstance(model, DistributedDataParallel):
+    while isinstance(model, DistributedDataParallel) or (
+            type(model).__name__ == "FullyShardedDataParallel" and hasattr(model, "module")):
         model = model.module
     return model
 
@@ -191,7 +194,12 @@ class KFACPreconditioner:
     Ba, Grosse & Martens (2017). Parameters of other modules are left unchanged.
 
     Args:
-        model: the model (a ``DistributedDataParallel`` wrapper is unwrapped).
+        model: the model (a ``DistributedDataParallel`` wrapper is unwrapped). Sharded:
+            FSDP2 (``fully_shard``, before or after building K-FAC), or FSDP1
+            (``FullyShardedDataParallel``) with ``use_orig_params=True``, K-FAC built on
+            the wrapper: construction and each ``step()`` then gather the whole model's
+            parameters and gradients (``summon_full_params(with_grads=True)``, collective:
+            every rank calls them) and write back only this rank's shard.
         damping: lambda >= 0 (Tikhonov damping; units of the Fisher of the mean loss).
         damping_mode: ``"exact"`` or ``"factored"`` (Martens & Grosse 2015, pi-split).
         factor_decay: EMA decay in [0, 1) of A and G; bias-corrected.
@@ -260,7 +268,8 @@ class KFACPreconditioner:
 
     Raises:
         ValueError / TypeError: bad arguments (naming the argument and accepted values),
-            or an unsupported layer configuration (naming the layer).
+            an unsupported layer configuration (naming the layer), or FSDP1 with
+            ``use_orig_params=False`` or given without its wrapper (saying what works).
     """
 
     def __init__(self, model: nn.Module, **kwargs: Any):
@@ -273,6 +282,7 @@ class KFACPreconditioner:
             )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._fsdp1 = fsdp1_root(model)
         self.model = _unwrap(model)
         self._group = resolve_group(opts.process_group)
         self.comm = CommStats()
@@ -286,8 +296,9 @@ class KFACPreconditioner:
         self._pending_scale: float | None = None
         self._layers: dict[str, _Layer] = {}
         self._handles: list = []
-        for name, module in self._select_modules():
-            self._layers[name] = _Layer(capture_for(name, module), opts)
+        with self._whole_parameters(with_grads=False):  # FSDP1: shapes of whole weights
+            for name, module in self._select_modules():
+                self._layers[name] = _Layer(capture_for(name, module), opts)
         for layer in self._layers.values():
             self._handles.append(layer.capture.module.register_forward_hook(
                 partial(self._forward_hook, layer)))
@@ -300,7 +311,8 @@ class KFACPreconditioner:
     # Registration -------------------------------------------------------------
     def _select_modules(self) -> list[tuple[str, nn.Module]]:
         chosen: dict[int, tuple[str, nn.Module]] = {}
-        for name, module in self.model.named_modules():
+        for wrapped_name, module in self.model.named_modules():
+            name = strip_wrapper_names(wrapped_name)
             if not is_supported(module) or self.options.skips(name, module):
                 continue
             if not module.weight.requires_grad:
@@ -316,6 +328,16 @@ class KFACPreconditioner:
                 log.info("weight shared by '%s' and '%s': preconditioned with the factors of "
                          "'%s' only", prev[0], name, chosen[key][0])
         return list(chosen.values())
+
+    def _whole_parameters(self, *, with_grads: bool) -> Any:
+        """Context in which FSDP1 parameters (and gradients) are whole; changes to the
+        gradients are written back to this rank's shard. A no-op without FSDP1."""
+        if self._fsdp1 is None:
+            return contextlib.nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(self._fsdp1, writeback=with_grads,
+                                                           with_grads=with_grads)
 
     @property
     def layer_names(self) -> list[str]:
@@ -503,7 +525,8 @@ class KFACPreconditioner:
         if self.steps % opts.inv_update_steps == 0:
             self._update_inverses()
         self._update_eigenvalue_corrections(counts)
-        self._precondition(lr, damping, kl_clip)
+        with self._whole_parameters(with_grads=True):
+            self._precondition(lr, damping, kl_clip)
         self.steps += 1
 
     def _reduce_statistics(self) -> None:

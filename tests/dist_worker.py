@@ -80,8 +80,31 @@ def shard(model):
     return fully_shard(model)
 
 
+def fsdp1(model, nested=False, **kw):
+    """FSDP1 on CPU (gloo): ``device_id`` must name the CPU (it defaults to an accelerator).
+    nested: each Linear its own unit as well; else one flat parameter whose shards cut
+    across the layers' parameters (4*24 + 24 + 24*3 + 3 = 195 values: 98 / 97)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    policy = ModuleWrapPolicy({nn.Linear}) if nested else None
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"), auto_wrap_policy=policy,
+                                    **{"use_orig_params": True, **kw})
+
+
+def whole(wrapped, model, grads=True):
+    """Every parameter (or its gradient) whole: FSDP1 gathers, FSDP2 DTensors are gathered."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not isinstance(wrapped, FullyShardedDataParallel):
+        return [full(p.grad if grads else p.detach()).clone() for p in model.parameters()]
+    with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False, with_grads=grads):
+        return [(p.grad if grads else p.detach()).clone() for p in model.parameters()]
+
+
 def compare_preconditioner(rank, steps=3, wrap="ddp", **kw):
-    """wrap: "ddp", "fsdp" (K-FAC built after fully_shard) or "fsdp-before" (before)."""
+    """wrap: "ddp", "fsdp" (K-FAC built after fully_shard), "fsdp-before" (before) or
+    "fsdp1" (FullyShardedDataParallel, use_orig_params=True)."""
     model = model_fn()
     ref_model = copy.deepcopy(model)
     common = dict(factor_update_steps=1, inv_update_steps=1, kl_clip=None, damping=1e-2,
@@ -91,6 +114,9 @@ def compare_preconditioner(rank, steps=3, wrap="ddp", **kw):
         pre = KFACPreconditioner(ddp, **common)
     elif wrap == "fsdp":
         ddp = shard(model)
+        pre = KFACPreconditioner(ddp, **common)
+    elif wrap == "fsdp1":
+        ddp = fsdp1(model)
         pre = KFACPreconditioner(ddp, **common)
     else:
         pre = KFACPreconditioner(model, **common)
@@ -102,13 +128,13 @@ def compare_preconditioner(rank, steps=3, wrap="ddp", **kw):
         ddp.zero_grad()
         pre.set_token_mask(local(mask, rank))
         loss_fn(ddp, local(x, rank), local(y, rank), local(mask, rank)).backward()
-        averaged = [full(p.grad).clone() for p in model.parameters()]
+        averaged = whole(ddp, model)
         pre.step()
         reference_step(ref_model, ref, x, y, mask, averaged)
         worst["factors"] = max(worst["factors"], max_diff(factor_values(pre),
                                                           factor_values(ref)))
         worst["grads"] = max(worst["grads"], max_diff(
-            [full(p.grad) for p in model.parameters()], [p.grad for p in ref_model.parameters()]))
+            whole(ddp, model), [p.grad for p in ref_model.parameters()]))
     worst["bytes"] = dict(pre.comm.bytes)
     return worst
 
@@ -171,6 +197,56 @@ def fsdp_optimizer_steps(rank):
             "max_param_diff": max_diff(params, list(ref_model.parameters()))}
 
 
+def fsdp1_optimizer_steps(rank):
+    """KFAC as the optimizer of a nested FSDP1 model (use_orig_params=True): layer names
+    are the unwrapped ones, parameters stay flat shards, and match a single-process KFAC
+    run given the same averaged gradients."""
+    model = model_fn()
+    ref_model = copy.deepcopy(model)
+    kw = dict(lr=0.1, damping=1e-2, factor_update_steps=1, inv_update_steps=2)
+    wrapped = fsdp1(model, nested=True)
+    opt = KFAC(wrapped, **kw)
+    ref = KFAC(ref_model, process_group=None, **kw)
+    for step in range(3):
+        x, y, mask = data(step)
+        opt.zero_grad()
+        opt.preconditioner.set_token_mask(local(mask, rank))
+        loss_fn(wrapped, local(x, rank), local(y, rank), local(mask, rank)).backward()
+        averaged = whole(wrapped, model)
+        opt.step()
+        reference_step(ref_model, ref, x, y, mask, averaged)
+    return {"layer_names": opt.preconditioner.layer_names,
+            "local_numel": sum(p.numel() for p in model.parameters()),  # of 195
+            "max_param_diff": max_diff(whole(wrapped, model, grads=False),
+                                       list(ref_model.parameters()))}
+
+
+def fsdp1_refusals(rank):
+    """The messages of what K-FAC refuses under FSDP1, in the order tried."""
+    errors = {}
+    flat = fsdp1(model_fn(), use_orig_params=False)
+    inner = fsdp1(model_fn())
+    for key, build in (("use_orig_params_false", lambda: KFAC(flat, lr=0.1)),
+                       ("inner_module", lambda: KFACPreconditioner(inner.module, kl_clip=None))):
+        try:
+            build()
+            errors[key] = None
+        except ValueError as e:
+            errors[key] = str(e)
+    model = model_fn()  # K-FAC built before wrapping: the first step sees flat shards
+    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1, kl_clip=None)
+    wrapped = fsdp1(model)
+    x, y, mask = data(0)
+    pre.set_token_mask(local(mask, rank))
+    loss_fn(wrapped, local(x, rank), local(y, rank), local(mask, rank)).backward()
+    try:
+        pre.step()
+        errors["built_before_wrap"] = None
+    except RuntimeError as e:
+        errors["built_before_wrap"] = str(e)
+    return errors
+
+
 def main():
     out = sys.argv[1]
     dist.init_process_group("gloo")
@@ -193,6 +269,11 @@ def main():
                                                            inverse_policy=policy)
     results["fsdp-before-shard"] = compare_preconditioner(rank, wrap="fsdp-before")
     results["fsdp-kfac-steps"] = fsdp_optimizer_steps(rank)
+    for policy in ("eig", "woodbury"):
+        results[f"fsdp1-{policy}"] = compare_preconditioner(rank, wrap="fsdp1",
+                                                            inverse_policy=policy)
+    results["fsdp1-kfac-steps"] = fsdp1_optimizer_steps(rank)
+    results["fsdp1-refusals"] = fsdp1_refusals(rank)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f, indent=1)

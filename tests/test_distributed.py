@@ -27,7 +27,7 @@ def results(tmp_path_factory):
                                       "woodbury-factored", "ekfac", "fsdp-eig", "fsdp-woodbury",
                                       "fsdp-before-shard", "assign-eig-exact",
                                       "assign-eig-factored", "assign-woodbury-exact",
-                                      "assign-woodbury-factored"])
+                                      "assign-woodbury-factored", "fsdp1-eig", "fsdp1-woodbury"])
 def test_two_ranks_equal_single_process(results, scenario):
     r = results[scenario]
     assert r["factors"] < 1e-12
@@ -56,6 +56,25 @@ def test_fsdp2_kfac_optimizer_matches_single_process(results):
     r = results["fsdp-kfac-steps"]
     assert r["sharded"]
     assert r["max_param_diff"] < 1e-12
+
+
+def test_fsdp1_kfac_optimizer_matches_single_process(results):
+    """FSDP1 (FullyShardedDataParallel, use_orig_params=True, one unit per Linear): shards
+    cut inside the weights; names are the unwrapped model's."""
+    r = results["fsdp1-kfac-steps"]
+    assert r["layer_names"] == ["0", "2"]
+    assert r["local_numel"] < 195  # this rank's shards only
+    assert r["max_param_diff"] < 1e-12
+
+
+def test_fsdp1_refusals_say_what_works(results):
+    r = results["fsdp1-refusals"]
+    assert "FSDP1" in r["use_orig_params_false"] and "use_orig_params=False" in r[
+        "use_orig_params_false"]
+    for key in ("use_orig_params_false", "inner_module", "built_before_wrap"):
+        assert "fully_shard" in r[key] and "DDP" in r[key] and "use_orig_params=True" in r[key]
+    assert "inner module" in r["inner_module"]
+    assert "flat shard" in r["built_before_wrap"]
 
 
 def test_assigned_inverses_broadcast(results):

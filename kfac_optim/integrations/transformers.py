@@ -15,6 +15,31 @@ the KFAC param group. Trainer's ``optimizer.train()/eval()`` calls switch statis
 capture on and off around evaluation. Padding needs no extra code: labels of -100 and
 ``attention_mask`` are read from the batch, and ``num_items_in_batch`` (the token count
 Trainer normalises the loss by) from the model call.
+
+Several processes:
+
+- DDP: launch the same script with ``torchrun --nproc_per_node N`` (on CPU:
+  ``TrainingArguments(use_cpu=True, ddp_backend="gloo")``). K-FAC is built before Trainer
+  wraps the model in DDP and reduces factor statistics over the ranks. With
+  ``average_tokens_across_devices=True`` (the default) Trainer divides each rank's summed
+  loss by the global ``num_items_in_batch`` and multiplies it by the number of processes;
+  ``create_optimizer`` sets ``loss_divisor_ranks`` so the captured gradients are those of
+  the summed loss either way. Tested on 2 gloo processes with gradient accumulation 2 and
+  uneven valid tokens per rank: factors and parameters after 3 steps equal a single-process
+  ``KFAC`` run on the concatenated batches to 1e-14 in float64
+  (``tests/trainer_worker.py``).
+- FSDP: under FSDP1 Trainer builds the optimizer on the wrapped model, which K-FAC supports
+  with ``use_orig_params=True`` only (``fsdp_config={"use_orig_params": True}``; otherwise
+  construction raises ``ValueError`` naming what works). The FSDP1 and FSDP2 paths are tested
+  directly (``tests/test_distributed.py``), not through Trainer.
+
+Trainer counts ``num_items_in_batch`` itself: in transformers 5.23 it counts shifted labels
+only for models whose ``loss_type`` maps to ``ForCausalLMLoss``; for ``GPT2LMHeadModel``
+(``loss_type`` None) it counts every valid label, one per row more than the loss terms, so
+the loss is the token mean times ``terms / num_items_in_batch``. K-FAC's factors do not
+depend on it (captured gradients are rescaled by the divisor actually used, and G counts
+the loss terms from the shifted labels). Hugging Face causal-LM losses upcast logits to
+float32, so a float64 model's factors carry ~1e-7 relative rounding.
 """
 
 from __future__ import annotations
