@@ -34,9 +34,12 @@ def _refuse_partitioned(groups: list[dict], model_params: set[int] | None = None
                                    f"(partitioned placeholders); supported: {_SUPPORTED_SHARDING}")
             if model_params is not None and id(p) not in model_params:
                 raise RuntimeError(
-                    "KFAC's parameter groups no longer hold the model's parameters (a flat "
-                    "partition, as DeepSpeed ZeRO stage 1/2 passes to its client optimizer); "
-                    f"supported: {_SUPPORTED_SHARDING}")
+                    "KFAC's parameter groups no longer hold the model's parameters: either "
+                    "the model's parameters were replaced after KFAC was built (FSDP2 "
+                    "fully_shard does this: build KFAC after fully_shard, or let "
+                    "accelerator.prepare swap them), or the groups hold a flat partition (as "
+                    "DeepSpeed ZeRO stage 1/2 passes to its client optimizer); supported: "
+                    f"{_SUPPORTED_SHARDING}")
 
 
 class KFAC(torch.optim.Optimizer):
