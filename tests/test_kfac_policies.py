@@ -16,7 +16,7 @@ from torch import nn
 
 from kfac_optim import KFAC, KFACPreconditioner
 from kfac_optim.distributed import row_range
-from kfac_optim.factors import choose_store_device
+from kfac_optim.factors import LowRankFactor, choose_store_device
 from kfac_optim.inverse import (
     eigh_psd,
     precondition_woodbury_exact,
@@ -372,7 +372,39 @@ def test_row_range_is_the_fsdp2_split():
             assert list(range(start, stop)) == expected
 
 
+def test_row_sharded_low_rank_factor_state():
+    """A row slice's state says which rows it holds, refuses other rows, and the stacked EMA
+    of slices is the slice of the stacked EMA."""
+    g = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+    whole, part = LowRankFactor(), LowRankFactor(rows=(2, 5))
+    for block in blocks:
+        whole.update(block, 0.6)
+        part.update(block[2:5], 0.6)
+    torch.testing.assert_close(part.factor(), whole.factor()[2:5], rtol=0, atol=0)
+    assert part.state_dict()["rows"] == [2, 5] and whole.state_dict()["rows"] is None
+    with pytest.raises(RuntimeError, match="row-sharded"):
+        part.value()
+    with pytest.raises(RuntimeError, match="rows"):
+        LowRankFactor(rows=(0, 3)).load_state_dict(part.state_dict())
+    with pytest.raises(RuntimeError, match="rows"):
+        LowRankFactor().load_state_dict(part.state_dict())
+    legacy = {k: v for k, v in whole.state_dict().items() if k != "rows"}
+    LowRankFactor().load_state_dict(legacy)  # states saved before the key existed
+
+
+def test_row_sharded_is_ignored_in_a_single_process():
+    batches = _batches(2)
+    ref, _ = _run_policy("woodbury", "exact", batches)
+    got, pre = _run_policy("woodbury", "exact", batches, woodbury_reduction="row_sharded")
+    for step_ref, step_got in zip(ref, got, strict=True):
+        for r, g in zip(step_ref, step_got, strict=True):
+            assert torch.equal(g, r)
+    assert pre.state_dict()["layers"]["wide"]["G"]["rows"] is None
+
+
 POLICY_ERRORS = [
+    (dict(woodbury_reduction="rows"), ValueError, r"woodbury_reduction.*'gather', 'row_sharded'"),
     (dict(woodbury_max_rank=0), ValueError, "woodbury_max_rank"),
     (dict(auto_rho=0.0), ValueError, "auto_rho"),
     (dict(auto_t_max=1.5), TypeError, "auto_t_max"),
