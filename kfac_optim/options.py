@@ -91,6 +91,9 @@ class KFACOptions:
     inv_device: Any = "auto"
     process_group: Any = "auto"
     inverse_workers: str = "replicate"
+    # "gather" by default: row-sharded states hold one rank's rows of U, which Accelerate /
+    # Trainer checkpoints (one optimizer file from rank 0) cannot resume from; measured trade-
+    # off in benchmarks/README.md, "Woodbury across ranks"
     woodbury_reduction: str = "gather"
     comm_dtype: torch.dtype | None = None
     grad_scaler: Any = None
