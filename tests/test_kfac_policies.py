@@ -400,7 +400,13 @@ def test_row_sharded_is_ignored_in_a_single_process():
     for step_ref, step_got in zip(ref, got, strict=True):
         for r, g in zip(step_ref, step_got, strict=True):
             assert torch.equal(g, r)
-    assert pre.state_dict()["layers"]["wide"]["G"]["rows"] is None
+    state = pre.state_dict()
+    assert state["layers"]["wide"]["G"]["rows"] is None
+    g = state["layers"]["wide"]["G"]
+    g["cols"], g["rows"] = g["cols"][:20], [0, 20]  # as rank 0 of 2 would save it
+    _, fresh = _run_policy("woodbury", "exact", [], woodbury_reduction="row_sharded")
+    with pytest.raises(RuntimeError, match=r"layer 'wide'.*rows \(0, 20\).*row_sharded"):
+        fresh.load_state_dict(state)
 
 
 POLICY_ERRORS = [
