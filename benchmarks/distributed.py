@@ -1,6 +1,7 @@
 """Bytes sent per factor update and step time at 1 vs 2 ranks (gloo, CPU).
 
     python benchmarks/distributed.py [--steps 12] [--out benchmarks/results/distributed.json]
+    python benchmarks/distributed.py --woodbury [--out benchmarks/results/distributed_woodbury.json]
 
 Launches itself under ``torchrun`` with 1 and 2 processes. In each, on the demo GPT-2 LM
 (each rank: its own batch of ``--batch`` x ``--seq`` tokens), it times SGD-momentum (the
@@ -9,10 +10,19 @@ for the variants below, and records what the preconditioner sent:
 
 - ``eig/replicate``: dense factors, packed upper triangles, every rank computes inverses;
 - ``eig/assign``: inverses computed by one rank each and broadcast;
-- ``woodbury/replicate`` (gather mode): column blocks of G gathered.
+- ``woodbury/replicate`` (gather mode): column blocks of G gathered;
+- ``woodbury/row_sharded``: each rank holds its rows of U (``woodbury_reduction``).
 
 "unpacked" is what full n x n float32 matrices would cost (the same reduction without
 packing). Ratios are K-FAC ms/step over SGD ms/step measured in the same process.
+
+``--woodbury`` compares the two Woodbury reductions at 2 ranks on one vocabulary-like head
+(``nn.Linear(d, o)``, cross-entropy over o classes, ``--tokens`` rows per rank), for each
+``--shapes`` o x d and both damping modes: bytes per factor update (all-gather vs all_to_all
+plus the dense A), per inverse update (the row-sharded Gram), per step (row-sharded only:
+U^T V all-reduce and the rows all-gather), U and inverse memory per rank
+(``pre.memory_usage()``), the mean ms/step over all steps (factor and inverse updates every
+``--period`` steps, amortized) and the median ms/step of the steps between updates.
 """
 
 from __future__ import annotations
@@ -32,7 +42,10 @@ VARIANTS = {
     "eig/replicate": dict(inverse_policy="eig", inverse_workers="replicate"),
     "eig/assign": dict(inverse_policy="eig", inverse_workers="assign"),
     "woodbury/replicate": dict(inverse_policy="woodbury", inverse_workers="replicate"),
+    "woodbury/row_sharded": dict(inverse_policy="woodbury", woodbury_reduction="row_sharded"),
 }
+REDUCTIONS = ("gather", "row_sharded")
+PER_STEP = ("low_rank_utv", "low_rank_rows")  # row-sharded: sent at every preconditioning step
 
 
 def worker(args) -> None:
@@ -94,22 +107,133 @@ def worker(args) -> None:
     os._exit(0)
 
 
+def woodbury_worker(args) -> None:
+    """2 ranks, one head: gather vs row_sharded (see the module docstring)."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from kfac_optim import KFACPreconditioner
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    rows = {}
+    for shape in args.shapes.split(","):
+        o, d = (int(x) for x in shape.split("x"))
+        g = torch.Generator().manual_seed(rank)
+        batches = [(torch.randn(args.tokens, d, generator=g),
+                    torch.randint(0, o, (args.tokens,), generator=g)) for _ in range(4)]
+        runs = [("none", "sgd")] + [(mode, reduction) for mode in ("factored", "exact")
+                                    for reduction in REDUCTIONS]
+        for mode, reduction in runs:
+            torch.manual_seed(0)
+            head = torch.nn.Linear(d, o)
+            ddp = torch.nn.parallel.DistributedDataParallel(head)
+            pre = None if reduction == "sgd" else KFACPreconditioner(
+                ddp, inverse_policy="woodbury", woodbury_reduction=reduction,
+                damping_mode=mode, factor_update_steps=args.period,
+                inv_update_steps=args.period, kl_clip=None, damping=1e-3)
+            times, between = [], []
+            for step in range(args.head_steps):
+                x, y = batches[step % len(batches)]
+                dist.barrier()
+                t0 = time.perf_counter()
+                ddp.zero_grad()
+                F.cross_entropy(ddp(x), y).backward()
+                if pre is not None:
+                    pre.step()
+                dist.barrier()
+                times.append(time.perf_counter() - t0)
+                if step % args.period:
+                    between.append(times[-1])
+            row = {"ms_per_step_mean": 1e3 * statistics.mean(times),
+                   "ms_per_step_between_updates": 1e3 * statistics.median(between)}
+            if pre is not None:
+                updates = -(-args.head_steps // args.period)
+                comm = pre.comm.bytes
+                mem = pre.memory_usage()["layers"][""]
+                row.update(
+                    k=pre.describe()[0]["rank"],
+                    bytes_per_factor_update=sum(
+                        v for kind, v in comm.items()
+                        if kind not in PER_STEP + ("low_rank_gram",)) / updates,
+                    bytes_per_inverse_update=comm.get("low_rank_gram", 0) / updates,
+                    bytes_per_step=sum(comm.get(kind, 0) for kind in PER_STEP)
+                    / args.head_steps,
+                    bytes_by_kind=dict(comm),
+                    u_bytes_per_rank=mem["low_rank"],
+                    inverse_bytes_per_rank=mem["inverses"])
+            rows[f"{shape}/{mode}/{reduction}"] = row
+    if rank == 0:
+        Path(args.part).write_text(json.dumps(rows))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def run_woodbury(args, root: Path, env: dict) -> None:
+    part = Path(args.out).with_suffix(".part.json")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // 2))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           __file__, "--woodbury-worker", "--part", str(part), "--shapes", args.shapes,
+           "--tokens", str(args.tokens), "--head-steps", str(args.head_steps),
+           "--period", str(args.period)]
+    load = os.getloadavg()
+    subprocess.run(cmd, env=env, check=True, cwd=root, capture_output=True)
+    results = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "world_size": 2,
+               "tokens_per_rank": args.tokens, "steps": args.head_steps, "period": args.period,
+               "loadavg_before": load, "loadavg_after": os.getloadavg(),
+               "rows": json.loads(part.read_text())}
+    part.unlink()
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"{'head/damping/reduction':<32} {'k':>5} {'ms/step':>8} {'ms between':>10} "
+          f"{'B/factor upd':>13} {'B/inv upd':>10} {'B/step':>10} {'U MiB/rank':>10} "
+          f"{'inv MiB/rank':>12}")
+    for name, row in results["rows"].items():
+        print(f"{name:<32} {row.get('k', ''):>5} {row['ms_per_step_mean']:>8.1f} "
+              f"{row['ms_per_step_between_updates']:>10.1f} "
+              f"{row.get('bytes_per_factor_update', 0):>13.0f} "
+              f"{row.get('bytes_per_inverse_update', 0):>10.0f} "
+              f"{row.get('bytes_per_step', 0):>10.0f} "
+              f"{row.get('u_bytes_per_rank', 0) / 2**20:>10.1f} "
+              f"{row.get('inverse_bytes_per_rank', 0) / 2**20:>12.1f}")
+    print(f"load average {load[0]:.2f} before, {results['loadavg_after'][0]:.2f} after; "
+          f"wrote {args.out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--inv", type=int, default=10)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--out", default="benchmarks/results/distributed.json")
+    p.add_argument("--out", default=None, help="default benchmarks/results/distributed.json, "
+                   "with --woodbury distributed_woodbury.json")
+    p.add_argument("--woodbury", action="store_true",
+                   help="gather vs row_sharded Woodbury on one head at 2 ranks")
+    p.add_argument("--shapes", default="4096x128,8192x256", help="heads as o x d, comma-separated")
+    p.add_argument("--tokens", type=int, default=256, help="rows per rank (--woodbury)")
+    p.add_argument("--head-steps", type=int, default=12, help="steps per run (--woodbury)")
+    p.add_argument("--period", type=int, default=4,
+                   help="factor and inverse update period (--woodbury)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--woodbury-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--part", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
         return
+    if args.woodbury_worker:
+        woodbury_worker(args)
+        return
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo",
                PYTHONPATH=str(root))
+    if args.woodbury:
+        args.out = args.out or "benchmarks/results/distributed_woodbury.json"
+        run_woodbury(args, root, env)
+        return
+    args.out = args.out or "benchmarks/results/distributed.json"
     results = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "runs": {}}
     for world in (1, 2):
         part = Path(args.out).with_suffix(f".part{world}.json")

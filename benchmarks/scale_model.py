@@ -7,17 +7,23 @@ The byte model is the one ``kfac_optim`` implements (``kfac_optim/distributed.py
 - dense factors (A, and G on the eig path): one all-reduce per factor update of the packed
   upper triangles, n (n + 1) / 2 values per n x n factor, float32 (or ``comm_dtype``);
 - Woodbury G (gather mode): an all-gather of every rank's o x T_r column block;
+- Woodbury G (``woodbury_reduction="row_sharded"``): per factor update one all_to_all that
+  sends the other ranks their rows of this rank's block, (o - ceil(o/R)) T_r values from
+  rank 0; per inverse update an all-reduce of the packed k x k Gram in float64; per step an
+  all-reduce of U^T V (k x d) and an all-gather of this rank's ceil(o/R) x d rows of the update;
 - ``inverse_workers="assign"``: each rank broadcasts the eigenbases it computed
   (d^2 + d + o^2 + o values per dense layer), every rank receives all of them.
 
 "buffer" is the size of the tensor handed to the collective (what ``pre.comm`` records);
 "sent" is what one rank puts on the wire with ring algorithms: all-reduce 2 (R-1)/R x
-buffer, all-gather (R-1) x its block, broadcast (R-1)/R x buffer on average. Memory per rank:
-running factors + eigenbases (eig: 2 (d^2 + o^2) floats) or U (o x k) + k x k Gram
-(Woodbury), replicated on every rank (DDP and FSDP alike in this version).
+buffer, all-gather (R-1) x its block, broadcast (R-1)/R x buffer on average, all_to_all what
+it records. Memory per rank: running factors + eigenbases (eig: 2 (d^2 + o^2) floats) or
+U (o x k) + k x k Gram (Woodbury gather, replicated on every rank) or ceil(o/R) x k rows of
+U + the k x k Gram (row-sharded). k = the columns of one factor update, T_r R (an EMA over
+several updates stacks more, up to ``woodbury_max_rank``).
 
 Validation: the same formulas applied to the demo LM at 2 ranks are compared with the buffer
-bytes ``pre.comm`` records in a real 2-process run (``--validate``, ~1 minute).
+bytes ``pre.comm`` records on rank 0 of a real 2-process run (``--validate``, ~2 minutes).
 """
 
 from __future__ import annotations
@@ -68,12 +74,27 @@ def tri(n: int) -> int:
     return n * (n + 1) // 2
 
 
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def row_sharded_bytes(o: int, d: int, ranks: int, tokens_per_rank: int, k: int) -> dict:
+    """Rank 0's buffers for one row-sharded Woodbury layer (``pre.comm`` kinds)."""
+    mine = ceil_div(o, ranks)
+    return {"low_rank_exchange": (o - mine) * tokens_per_rank * F32,
+            "low_rank_gram": tri(k) * 8, "low_rank_utv": k * d * F32,
+            "low_rank_rows": mine * d * F32}
+
+
 def per_rank(layers, ranks: int, tokens_per_rank: int, woodbury_min_out: int | None,
-             assign: bool, max_rank: int = 8192) -> dict:
-    """Bytes for one factor update (and memory) per rank. Woodbury for o >= woodbury_min_out
-    while the T_global columns of one update fit under ``max_rank`` (``woodbury_max_rank``:
-    past it the layer falls back to a dense G, as the preconditioner does)."""
+             assign: bool, max_rank: int = 8192, row_sharded: bool = False) -> dict:
+    """Bytes for one factor update, one inverse update and one step (and memory) per rank.
+    Woodbury for o >= woodbury_min_out while the T_global columns of one update fit under
+    ``max_rank`` (``woodbury_max_rank``: past it the layer falls back to a dense G, as the
+    preconditioner does); ``row_sharded``: ``woodbury_reduction="row_sharded"``."""
     dense_buf = gather_block = inv_bcast = memory = 0
+    shard = dict.fromkeys(("low_rank_exchange", "low_rank_gram", "low_rank_utv",
+                           "low_rank_rows"), 0)
     t_global = tokens_per_rank * ranks
     woodbury_layers = 0
     for layer in layers:
@@ -82,20 +103,30 @@ def per_rank(layers, ranks: int, tokens_per_rank: int, woodbury_min_out: int | N
         woodbury_layers += layer.count * low
         dense_buf += layer.count * (tri(layer.d) + (0 if low else tri(layer.o))) * F32
         memory += layer.count * 2 * layer.d**2 * F32  # A and its eigenbasis
-        if low:
+        if low and row_sharded and ranks > 1:
+            for kind, v in row_sharded_bytes(layer.o, layer.d, ranks, tokens_per_rank,
+                                             t_global).items():
+                shard[kind] += layer.count * v
+            memory += layer.count * (ceil_div(layer.o, ranks) * t_global + t_global**2) * F32
+        elif low:
             gather_block += layer.count * layer.o * tokens_per_rank * F32
             memory += layer.count * (layer.o * t_global + t_global**2) * F32
         else:
             memory += layer.count * 2 * layer.o**2 * F32
             inv_bcast += layer.count * (layer.d**2 + layer.d + layer.o**2 + layer.o) * F32
     r = ranks
-    sent = 2 * (r - 1) / r * dense_buf + (r - 1) * gather_block
+    sent = 2 * (r - 1) / r * dense_buf + (r - 1) * gather_block + shard["low_rank_exchange"]
     if assign:
         sent += (r - 1) / r * inv_bcast
     return {"woodbury_layers": woodbury_layers,
             "dense_buffer_bytes": dense_buf, "gather_block_bytes": gather_block,
             "inverse_broadcast_bytes": inv_bcast if assign else 0,
-            "sent_bytes_per_update": sent, "factor_memory_bytes": memory}
+            "row_sharded_buffer_bytes": shard,
+            "sent_bytes_per_update": sent,
+            "sent_bytes_per_inverse_update": 2 * (r - 1) / r * shard["low_rank_gram"],
+            "sent_bytes_per_step": 2 * (r - 1) / r * shard["low_rank_utv"]
+            + (r - 1) * shard["low_rank_rows"],
+            "factor_memory_bytes": memory}
 
 
 def demo_layers():
@@ -131,14 +162,26 @@ def validate() -> dict:
     measured = json.loads(out.read_text())["rows"]
     out.unlink()
     layers, diagonal, positional = demo_layers()
+    tokens = 16 * 64
     # diagonal A (Embedding) is a vector of d values, not a triangle
     dense = sum((layer.d if layer.name in diagonal else tri(layer.d)) + tri(layer.o)
                 for layer in layers) * F32
+    woodbury_dense = dense - sum(tri(la.o) for la in layers) * F32
+    # 2 + 2 steps, each a factor update; one inverse update (step 0: k = 2 x 1024 columns),
+    # used by the 4 preconditioning steps: per update, the Gram counts 1/4, U^T V and rows 1
+    per_update = {"low_rank_exchange": 1, "low_rank_gram": 0.25, "low_rank_utv": 1,
+                  "low_rank_rows": 1}
+    row_sharded = {"dense": woodbury_dense, **dict.fromkeys(per_update, 0)}
+    for la in layers:
+        if la.name not in positional:
+            for kind, v in row_sharded_bytes(la.o, la.d, 2, tokens, 2 * tokens).items():
+                row_sharded[kind] += v * per_update[kind]
     model = {"eig/replicate": {"dense": dense},
              "woodbury/replicate": {
-                 "dense": dense - sum(tri(la.o) for la in layers) * F32,
+                 "dense": woodbury_dense,
                  "low_rank_gather": sum(la.o for la in layers if la.name not in positional)
-                 * 16 * 64 * F32}}
+                 * tokens * F32},
+             "woodbury/row_sharded": row_sharded}
     report = {}
     for name, expected in model.items():
         got = measured[name]["bytes_per_factor_update"]
@@ -155,19 +198,24 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/scale_model.json")
     args = p.parse_args()
     results = {"tokens_per_rank": args.tokens_per_rank, "rows": []}
-    print(f"{'model':<22} {'ranks':>5} {'policy':<16} {'woodbury':>8} {'memory GiB':>10} "
-          f"{'sent MiB/update':>16} {'dense buf MiB':>14} {'gather blk MiB':>15}")
+    print(f"{'model':<22} {'ranks':>5} {'policy':<18} {'woodbury':>8} {'memory GiB':>10} "
+          f"{'sent MiB/update':>16} {'sent MiB/step':>14} {'dense buf MiB':>14} "
+          f"{'gather blk MiB':>15}")
     for model, layers in MODELS.items():
         for ranks in (1, 8, 64, 1024):
-            for policy, wmin, assign in (("eig/replicate", None, False),
-                                         ("eig/assign", None, True),
-                                         ("hybrid/replicate", args.woodbury_min_out, False)):
-                row = per_rank(layers, ranks, args.tokens_per_rank, wmin, assign)
+            for policy, wmin, assign, rows in (
+                    ("eig/replicate", None, False, False),
+                    ("eig/assign", None, True, False),
+                    ("hybrid/replicate", args.woodbury_min_out, False, False),
+                    ("hybrid/row_sharded", args.woodbury_min_out, False, True)):
+                row = per_rank(layers, ranks, args.tokens_per_rank, wmin, assign,
+                               row_sharded=rows)
                 row.update(model=model, ranks=ranks, policy=policy)
                 results["rows"].append(row)
-                print(f"{model:<22} {ranks:>5} {policy:<16} {row['woodbury_layers']:>8} "
+                print(f"{model:<22} {ranks:>5} {policy:<18} {row['woodbury_layers']:>8} "
                       f"{row['factor_memory_bytes'] / 2**30:>10.1f} "
                       f"{row['sent_bytes_per_update'] / 2**20:>16.0f} "
+                      f"{row['sent_bytes_per_step'] / 2**20:>14.0f} "
                       f"{row['dense_buffer_bytes'] / 2**20:>14.0f} "
                       f"{row['gather_block_bytes'] / 2**20:>15.0f}")
     if args.validate:
@@ -175,7 +223,7 @@ def main() -> None:
         print("validation at 2 ranks (buffer bytes per factor update, model vs measured):")
         for name, kinds in results["validation_2_ranks"].items():
             for kind, v in kinds.items():
-                print(f"  {name:<20} {kind:<16} model {v['model']:>10} measured {v['measured']}")
+                print(f"  {name:<20} {kind:<17} model {v['model']:>10} measured {v['measured']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")

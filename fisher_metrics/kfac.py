@@ -282,7 +282,9 @@ class KFACFisher(FisherRepresentation):
             ValueError: a layer name is not a module of ``model`` or not a
                 supported layer type, factor shapes do not match the module
                 (naming the layer), or no layer has factors yet. Layers without
-                factors yet are listed in :attr:`skipped_layers`.
+                factors yet are listed in :attr:`skipped_layers`. A low-rank G that
+                holds only some rows of U (one rank's state under
+                ``woodbury_reduction="row_sharded"``) is refused, naming the layer.
         """
         return cls(model, state, dtype=dtype)
 
@@ -315,6 +317,13 @@ class KFACFisher(FisherRepresentation):
         if not isinstance(entry, Mapping) or "A" not in entry or "G" not in entry:
             raise TypeError(f"K-FAC state layer {name!r} must be a dict with 'A' and 'G' entries")
         low_rank = bool(entry.get("G_low_rank", "cols" in entry["G"]))
+        rows = entry["G"].get("rows") if isinstance(entry["G"], Mapping) else None
+        if low_rank and rows is not None:
+            raise ValueError(
+                f"layer {name!r}: the state's low-rank G holds rows {tuple(rows)} of U only (one "
+                "rank's state under woodbury_reduction='row_sharded'); use a single-process or "
+                "woodbury_reduction='gather' state"
+            )
         a_value = _factor_value(entry["A"], "ema", name)
         g_value = _factor_value(entry["G"], "cols" if low_rank else "ema", name)
         if a_value is None or g_value is None:

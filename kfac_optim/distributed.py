@@ -4,7 +4,9 @@ The reduction must be exact (DESIGN.md, "Distributed"): R ranks each holding par
 batch give the same factors as one process holding all of it. So ranks exchange the
 *sums* of outer products and the row / loss-term *counts*, never per-rank averages
 (ranks can hold different numbers of valid tokens), and a low-rank G's column blocks
-are gathered, not their Grams summed (``U_i^T U_j`` cross terms).
+are gathered, not their Grams summed (``U_i^T U_j`` cross terms). In the row-sharded
+Woodbury mode the column blocks are instead exchanged into row slices of the same columns
+(``exchange_to_rows``), after which sums over ranks are exact: ``U^T U = sum_r U^(r)T U^(r)``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["resolve_group", "world_size", "all_reduce_symmetric", "all_gather_columns",
+__all__ = ["resolve_group", "world_size", "all_reduce_symmetric", "all_reduce_sum",
+           "all_gather_columns", "row_range", "exchange_to_rows", "all_gather_rows",
            "assign_greedy", "broadcast_tensors", "CommStats"]
 
 
@@ -34,7 +37,12 @@ def world_size(group: Any) -> int:
 
 
 class CommStats:
-    """Bytes this rank sent per reduction kind, for benchmarks and ``describe``."""
+    """Bytes this rank sent per reduction kind, for benchmarks and ``describe``.
+
+    Recorded is the buffer this rank hands to the collective (all-reduce, all-gather,
+    broadcast), except for ``all_to_all`` (``low_rank_exchange``), where it is the part
+    addressed to the other ranks (its own part never leaves the rank).
+    """
 
     def __init__(self) -> None:
         self.bytes: dict[str, int] = {}
@@ -66,7 +74,7 @@ def _unpack(v: Tensor, like: Tensor) -> Tensor:
 
 def all_reduce_symmetric(tensors: list[Tensor], group: Any, *,
                          comm_dtype: torch.dtype | None = None,
-                         stats: CommStats | None = None) -> list[Tensor]:
+                         stats: CommStats | None = None, kind: str = "dense") -> list[Tensor]:
     """Sum symmetric matrices (and vectors / scalars) over ranks in one bucket.
 
     Each ``(n, n)`` matrix is sent as its upper triangle (n (n+1) / 2 values); matrices
@@ -79,6 +87,7 @@ def all_reduce_symmetric(tensors: list[Tensor], group: Any, *,
             same shapes, in the same order, on every rank.
         group: process group.
         comm_dtype: dtype on the wire (None: the tensors' dtype).
+        kind: the ``CommStats`` entry of the matrices and vectors.
 
     Returns:
         The reduced tensors, in the input shapes and dtypes.
@@ -99,13 +108,31 @@ def all_reduce_symmetric(tensors: list[Tensor], group: Any, *,
         packed = [_pack(tensors[i]) for i in sums]
         flat = torch.cat([p.to(comm_dtype or p.dtype) for p in packed])
         if stats is not None:
-            stats.add("dense", flat.numel() * flat.element_size())
+            stats.add(kind, flat.numel() * flat.element_size())
         dist.all_reduce(flat, group=group)
         offset = 0
         for i, p in zip(sums, packed, strict=True):
             out[i] = _unpack(flat[offset: offset + p.numel()], tensors[i])
             offset += p.numel()
     return out
+
+
+def all_reduce_sum(tensor: Tensor, group: Any, *, kind: str,
+                   stats: CommStats | None = None) -> Tensor:
+    """Sum of ``tensor`` (any shape, the same on every rank) over ranks, in its dtype."""
+    out = tensor.contiguous().clone()
+    if stats is not None:
+        stats.add(kind, out.numel() * out.element_size())
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def _gather_widths(block: Tensor, group: Any) -> list[int]:
+    """Every rank's ``block.shape[1]``, in rank order."""
+    width = torch.tensor([block.shape[1]], device=block.device)
+    widths = [torch.zeros_like(width) for _ in range(world_size(group))]
+    dist.all_gather(widths, width, group=group)
+    return [int(w) for w in widths]
 
 
 def all_gather_columns(block: Tensor, group: Any, *, comm_dtype: torch.dtype | None = None,
@@ -116,10 +143,7 @@ def all_gather_columns(block: Tensor, group: Any, *, comm_dtype: torch.dtype | N
     widest for ``all_gather`` ("gather" mode of the Woodbury reduction).
     """
     r = world_size(group)
-    width = torch.tensor([block.shape[1]], device=block.device)
-    widths = [torch.zeros_like(width) for _ in range(r)]
-    dist.all_gather(widths, width, group=group)
-    widths = [int(w) for w in widths]
+    widths = _gather_widths(block, group)
     wire = block.to(comm_dtype or block.dtype)
     padded = torch.zeros(block.shape[0], max(widths), dtype=wire.dtype, device=block.device)
     padded[:, : block.shape[1]] = wire
@@ -128,6 +152,58 @@ def all_gather_columns(block: Tensor, group: Any, *, comm_dtype: torch.dtype | N
         stats.add("low_rank_gather", padded.numel() * padded.element_size())
     dist.all_gather(parts, padded.contiguous(), group=group)
     return torch.cat([p[:, :w] for p, w in zip(parts, widths, strict=True)], 1).to(block.dtype)
+
+
+def row_range(rows: int, rank: int, ranks: int) -> tuple[int, int]:
+    """``(start, stop)``: the rows of an ``rows``-row matrix that ``rank`` holds.
+
+    FSDP2's ``Shard(0)`` split (``torch.chunk``): ``ceil(rows / ranks)`` rows per rank, the
+    last ranks fewer (possibly none when ``rows < ranks``).
+    """
+    chunk = -(-rows // ranks)
+    start = min(rank * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
+def exchange_to_rows(block: Tensor, group: Any, *, comm_dtype: torch.dtype | None = None,
+                     stats: CommStats | None = None) -> Tensor:
+    """Turn every rank's column block into this rank's row slice of their concatenation.
+
+    Rank r holds ``B_r`` (o, T_r); the result on rank r is ``[B_1 ... B_R][start:stop]``
+    (o_r, sum_s T_s) with ``(start, stop) = row_range(o, r, R)``: one ``all_to_all_single``
+    (uneven splits; gloo supports it on CPU) after the widths are exchanged. Each rank sends
+    ``(o - o_r) T_r`` values (in ``comm_dtype`` if given) instead of gathering ``o sum T``.
+    """
+    ranks, rank = world_size(group), dist.get_rank(group)
+    o = block.shape[0]
+    widths = _gather_widths(block, group)
+    sizes = [stop - start for start, stop in (row_range(o, s, ranks) for s in range(ranks))]
+    wire = block.to(comm_dtype or block.dtype).contiguous()  # rows are contiguous chunks
+    mine = sizes[rank]
+    received = torch.empty(mine * sum(widths), dtype=wire.dtype, device=block.device)
+    if stats is not None:
+        stats.add("low_rank_exchange", (o - mine) * block.shape[1] * wire.element_size())
+    dist.all_to_all_single(received, wire.reshape(-1),
+                           output_split_sizes=[mine * w for w in widths],
+                           input_split_sizes=[n * block.shape[1] for n in sizes], group=group)
+    parts = received.split([mine * w for w in widths])
+    return torch.cat([p.reshape(mine, w) for p, w in zip(parts, widths, strict=True)],
+                     1).to(block.dtype)
+
+
+def all_gather_rows(rows: Tensor, total: int, group: Any, *,
+                    stats: CommStats | None = None, kind: str = "low_rank_rows") -> Tensor:
+    """Concatenate every rank's row slice ``(o_r, n)`` (``row_range(total, r, R)``) into
+    ``(total, n)``; slices are padded to ``ceil(total / R)`` rows for ``all_gather``."""
+    ranks = world_size(group)
+    sizes = [stop - start for start, stop in (row_range(total, s, ranks) for s in range(ranks))]
+    padded = rows.new_zeros((sizes[0],) + tuple(rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(ranks)]
+    if stats is not None:
+        stats.add(kind, padded.numel() * padded.element_size())
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
 
 def assign_greedy(costs: dict[str, float], ranks: int) -> dict[str, int]:

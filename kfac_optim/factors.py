@@ -30,10 +30,12 @@ recursion so that a decay that changes during training stays unbiased.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from .inverse import lowrank_eigh
+from .inverse import eigh_psd, lowrank_eigh
 
 __all__ = [
     "KFAC_APPROXIMATIONS", "input_rows", "eigenbasis_second_moments",
@@ -247,10 +249,18 @@ class LowRankFactor:
     ``U <- [sqrt(decay) U, sqrt(1 - decay) U_b]``, ``w <- decay w + (1 - decay)``; the
     bias-corrected factor is ``U U^T / w`` (DESIGN.md, "Woodbury policy"). ``rank`` is
     ``k``, the number of stacked columns.
+
+    Row-sharded (``rows=(start, stop)``): the factor holds rows ``start:stop`` of U only,
+    ``cols`` (stop - start, k), and its batch blocks are the same rows of the batch blocks.
+    Stacking and rescaling act on each row separately, so the row slice of the stacked U is
+    the stack of the row slices: the EMA stays exact. ``value`` and ``to_dense`` need every
+    row; the owner gathers them first (``kfac_optim.distributed.all_gather_rows``).
     """
 
     def __init__(self, storage_dtype: torch.dtype | None = None, store_device: str = "auto",
-                 threshold_bytes: int = 500 * 2**20) -> None:
+                 threshold_bytes: int = 500 * 2**20,
+                 rows: tuple[int, int] | None = None) -> None:
+        self.rows = rows
         self.storage_dtype = storage_dtype
         self.store_device = store_device
         self.threshold_bytes = threshold_bytes
@@ -307,7 +317,8 @@ class LowRankFactor:
         self.compute_device = device
 
     def truncate(self, rank: int, *, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None) -> float | None:
+                 device: torch.device | None = None,
+                 reduce_gram: Callable[[Tensor], Tensor] | None = None) -> float | None:
         """Keep the top ``rank`` eigen-directions of ``U U^T`` (the truncated EMA).
 
         ``U U^T = Q diag(s) Q^T`` (``lowrank_eigh``, O(o k^2 + k^3)); ``U`` becomes
@@ -316,9 +327,15 @@ class LowRankFactor:
         Frobenius and spectral norms. Applied after every update, the EMA becomes
         ``G_t = top_r(decay G_{t-1} + (1 - decay) G_batch)``.
 
+        A row slice ``U^(p)`` of a row-sharded factor cannot take that QR; there
+        ``reduce_gram`` sums the slices' float64 Grams over ranks, ``U^T U = W diag(s)
+        W^T``, and each rank keeps ``U^(p) W_r``: the same columns ``U W_r = Q_r
+        diag(s_r)^{1/2}`` (up to signs), each rank holding its rows.
+
         Args:
             rank: columns kept (>= 1). Nothing happens while ``self.rank <= rank``.
             dtype, device: solver dtype and device (as ``eigh_psd``).
+            reduce_gram: for a row slice, the sum over ranks of a ``(k, k)`` Gram.
 
         Returns:
             The fraction of ``trace(U U^T)`` dropped (0.0 when nothing was dropped), or
@@ -328,13 +345,21 @@ class LowRankFactor:
             return 0.0
         device_c = getattr(self, "compute_device", self.cols.device)
         u = _compute(self.cols.to(device_c))
-        eig = lowrank_eigh(u, dtype=dtype, device=device)
+        if reduce_gram is None:
+            eig = lowrank_eigh(u, dtype=dtype, device=device)
+        else:
+            wide = u.to(torch.float64)
+            eig = eigh_psd(reduce_gram(wide.t() @ wide), device=device)
         if eig is None:
             return None
-        s, q = eig  # ascending
+        s, vecs = eig  # ascending; vecs: Q (o, k') or, for row slices, W (k, k)
         total = float(s.sum())
         kept = s[-rank:]
-        self._store(q[:, -rank:] * kept.sqrt(), device_c)
+        if reduce_gram is None:
+            cols = vecs[:, -rank:] * kept.sqrt()
+        else:
+            cols = (wide @ vecs[:, -rank:].to(wide.device)).to(u.dtype)
+        self._store(cols, device_c)
         return 0.0 if total <= 0 else max(0.0, 1.0 - float(kept.sum()) / total)
 
     def factor(self) -> Tensor | None:
@@ -345,13 +370,28 @@ class LowRankFactor:
         device = getattr(self, "compute_device", self.cols.device)
         return _compute(self.cols.to(device, non_blocking=True)) / self.weight**0.5
 
+    def _check_whole(self) -> None:
+        if self.rows is not None:
+            raise RuntimeError(f"this low-rank factor holds rows {self.rows[0]}:{self.rows[1]} "
+                               "of U only (row-sharded); gather the rows first")
+
     def value(self) -> Tensor | None:
-        """Dense bias-corrected ``G`` (o, o); for tests and for the dense fallback."""
+        """Dense bias-corrected ``G`` (o, o); for tests and for the dense fallback.
+
+        Raises:
+            RuntimeError: a row-sharded factor (it holds part of U).
+        """
+        self._check_whole()
         u = self.factor()
         return None if u is None else u @ u.t()
 
     def to_dense(self) -> RunningFactor:
-        """The same factor as a dense ``RunningFactor`` (used past the rank limit)."""
+        """The same factor as a dense ``RunningFactor`` (used past the rank limit).
+
+        Raises:
+            RuntimeError: a row-sharded factor (it holds part of U).
+        """
+        self._check_whole()
         dense = RunningFactor(self.storage_dtype)
         if self.cols is not None:
             u = self.factor() * self.weight**0.5
@@ -362,9 +402,29 @@ class LowRankFactor:
         return dense
 
     def state_dict(self) -> dict:
-        return {"cols": self.cols, "weight": self.weight, "updates": self.updates}
+        """``cols`` (this factor's rows of U), ``rows`` (``[start, stop]`` when row-sharded,
+        else None), ``weight``, ``updates``."""
+        return {"cols": self.cols, "rows": None if self.rows is None else list(self.rows),
+                "weight": self.weight, "updates": self.updates}
+
+    def check_rows(self, state: dict) -> None:
+        """Raises:
+            RuntimeError: ``state`` holds other rows of U than this factor (a row-sharded
+                state loaded at another rank, world size or ``woodbury_reduction``).
+        """
+        rows = state.get("rows")
+        if (None if rows is None else tuple(rows)) != self.rows:
+            raise RuntimeError(
+                f"low-rank G state holds rows {'all' if rows is None else tuple(rows)} of U, "
+                f"this factor {'all' if self.rows is None else self.rows}: row-sharded states "
+                "load only at the same rank and world size with woodbury_reduction="
+                "'row_sharded' (and whole-U states only without it)")
 
     def load_state_dict(self, state: dict) -> None:
+        """Raises:
+            RuntimeError: as ``check_rows``.
+        """
+        self.check_rows(state)
         self.cols = state["cols"]
         self.weight = float(state["weight"])
         self.updates = int(state["updates"])

@@ -21,12 +21,19 @@ Woodbury policy (G side, DESIGN.md): ``G = U U^T`` with ``U`` (o, k), k << o.
   instead of O(o^3).
 - Factored damping solves ``(G + mu I)^{-1} V = (1/mu) [V - U (mu I + U^T U)^{-1} U^T V]``
   with a Cholesky factor of the k x k system (jitter backoff, pseudo-inverse fallback).
+- Row-sharded (``U`` split by rows over ranks, ``woodbury_reduction="row_sharded"``): only
+  k x k and k x d quantities are global, ``U^T U = sum_r U^(r)T U^(r)`` and
+  ``U^T V = sum_r U^(r)T V^(r)``. Factored damping is the solve above with ``U^T V`` summed
+  by a caller-given ``reduce``; exact damping is ``precondition_woodbury_exact``: one
+  Woodbury solve per eigenvalue of A through the Gram's eigendecomposition, with no thin
+  eigenbasis (which would need the whole U, or a division by the Gram's eigenvalues).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -34,7 +41,7 @@ from torch import Tensor
 __all__ = [
     "DAMPING_MODES", "eigh_psd", "lowrank_eigh", "clip_condition", "factored_damping",
     "precondition_eig", "damped_inverses", "robust_cholesky", "woodbury_solve",
-    "precondition_woodbury_factored",
+    "precondition_woodbury_factored", "precondition_woodbury_exact",
 ]
 
 DAMPING_MODES = ("exact", "factored")
@@ -240,31 +247,95 @@ def robust_cholesky(
     return "pinv", torch.linalg.pinv(matrix, hermitian=True), float("nan")
 
 
-def woodbury_solve(u: Tensor, solver: tuple[str, Tensor, float], v: Tensor, mu: float | Tensor
-                   ) -> Tensor:
+Reduce = Callable[[Tensor], Tensor]
+
+
+def woodbury_solve(u: Tensor, solver: tuple[str, Tensor, float], v: Tensor, mu: float | Tensor,
+                   reduce: Reduce | None = None) -> Tensor:
     """``(U U^T + mu I)^{-1} V = (1/mu) [V - U (mu I + U^T U)^{-1} U^T V]``.
 
     Args:
         u: ``(o, k)``; v: ``(o, d)``; mu > 0.
-        solver: ``robust_cholesky(mu I + U^T U)``.
+        solver: ``robust_cholesky(mu I + U^T U)`` (of the whole U's Gram).
+        reduce: when ``u`` and ``v`` are the same row slice of the whole U and V, sums the
+            ``(k, d)`` partial products ``U^(r)T V^(r)`` over the slices (an all-reduce);
+            the result is then that row slice. None: ``u`` and ``v`` hold every row.
     """
     method, factor, _ = solver
     rhs = u.t() @ v
+    if reduce is not None:
+        rhs = reduce(rhs)
     inner = torch.cholesky_solve(rhs, factor) if method == "cholesky" else factor @ rhs
     return (v - u @ inner) / mu
 
 
 def precondition_woodbury_factored(
     grad: Tensor, u: Tensor, solver: tuple[str, Tensor, float], lam_g: float | Tensor,
-    q_a: Tensor | None, s_a: Tensor, lam_a: float | Tensor,
+    q_a: Tensor | None, s_a: Tensor, lam_a: float | Tensor, reduce: Reduce | None = None,
 ) -> Tensor:
     """``(G + lambda_G I)^{-1} V (A + lambda_A I)^{-1}`` with ``G = U U^T`` (Woodbury) and
     ``A = Q_A diag(s_A) Q_A^T`` (or diagonal when ``q_a`` is None).
 
     Args:
         grad: ``(o, d)``; u: ``(o, k)``; solver: ``robust_cholesky(lambda_G I + U^T U)``.
+        reduce: row-sharded ``grad`` and ``u`` (the same rows of each), as in
+            ``woodbury_solve``; the result is then those rows.
     """
-    left = woodbury_solve(u, solver, grad.to(u.dtype), lam_g)
+    left = woodbury_solve(u, solver, grad.to(u.dtype), lam_g, reduce)
     if q_a is None:
         return (left / (s_a + lam_a)).to(grad.dtype)
     return (((left @ q_a) / (s_a + lam_a)) @ q_a.t()).to(grad.dtype)
+
+
+def precondition_woodbury_exact(
+    grad: Tensor, u: Tensor, s: Tensor, w: Tensor, q_a: Tensor | None, s_a: Tensor,
+    damping: float, s_g_rest: float | Tensor = 0.0, reduce: Reduce | None = None,
+) -> Tensor:
+    """``mat((A (x) G + lambda I)^{-1} vec(V))`` with ``G = U U^T`` known through the
+    eigendecomposition of its Gram ``U^T U = W diag(s) W^T``, never a thin eigenbasis.
+
+    In A's eigenbasis (``V' = V Q_A``) column j is one Woodbury solve,
+    ``(s_Aj G + lambda I)^{-1} v'_j``. G's eigenpairs on the range of U are
+    ``(s_i, U w_i / sqrt(s_i))``; with eigenvalues clipped to ``t_i = max(s_i, rest)`` and
+    ``rest`` (``s_g_rest``, 0 without clipping) on the complement:
+
+        out = V' / (rest s_A^T + lambda) + U W X,
+        X_ij = -P_ij r_i s_Aj / ((t_i s_Aj + lambda) (rest s_Aj + lambda)),
+        P = W^T U^T V',   r_i = (t_i - rest) / s_i  (0 where t_i = rest),
+
+    then ``out Q_A^T``. ``r_i`` is 1 without clipping, so no division by a small ``s_i``
+    appears (zero Gram eigenvalues, k > rank U, need no special case). Equal to
+    ``precondition_eig`` with ``lowrank_eigh(U)`` (exact damping) to solver tolerance.
+    Cost O(o k d + k^2 d + o d^2) per call.
+
+    Args:
+        grad: ``V`` ``(o, d)``; u: ``(o, k)``.
+        s, w: ``(k,)`` eigenvalues (>= 0) and ``(k, k)`` eigenvectors of ``U^T U``.
+        q_a, s_a: A's eigenvectors ``(d, d)`` (None: A diagonal) and eigenvalues ``(d,)``.
+        damping: ``lambda`` >= 0.
+        s_g_rest: G's eigenvalue on the complement of U's range, and the floor of ``s``
+            (``max(s) / kappa`` under condition-number clipping).
+        reduce: when ``grad`` and ``u`` are the same row slice of the whole V and U, sums
+            the ``(k, d)`` partial products ``U^(r)T V'^(r)`` over slices (an all-reduce);
+            the result is then that row slice.
+
+    Returns:
+        ``(o, d)`` (or the row slice), in ``grad``'s dtype.
+    """
+    dtype = u.dtype
+    va = grad.to(dtype)
+    if q_a is not None:
+        va = va @ q_a
+    p = u.t() @ va
+    if reduce is not None:
+        p = reduce(p)
+    p = w.t() @ p
+    rest = torch.as_tensor(s_g_rest, dtype=dtype, device=s.device)
+    t = torch.maximum(s, rest)
+    ratio = torch.where(t > rest, (t - rest) / torch.where(s > 0, s, 1.0), 0.0)
+    lam_rest = s_a * rest + damping
+    x = -p * ratio.unsqueeze(1) * s_a / ((torch.outer(t, s_a) + damping) * lam_rest)
+    out = va / lam_rest + u @ (w @ x)
+    if q_a is not None:
+        out = out @ q_a.t()
+    return out.to(grad.dtype)

@@ -13,13 +13,14 @@ from torch import nn
 from .factors import KFAC_APPROXIMATIONS
 from .inverse import DAMPING_MODES
 
-__all__ = ["KFACOptions", "INVERSE_POLICIES", "LOSS_REDUCTIONS"]
+__all__ = ["KFACOptions", "INVERSE_POLICIES", "LOSS_REDUCTIONS", "WOODBURY_REDUCTIONS"]
 
 INVERSE_POLICIES = ("eig", "woodbury", "auto", "hybrid")
 LOSS_REDUCTIONS = ("mean", "sum")
 FACTOR_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
 INV_DTYPES = (None, torch.float32, torch.float64)
 INVERSE_WORKERS = ("replicate", "assign")
+WOODBURY_REDUCTIONS = ("gather", "row_sharded")
 STORE_DEVICES = ("auto", "cpu", "compute")
 
 
@@ -91,6 +92,10 @@ class KFACOptions:
     inv_device: Any = "auto"
     process_group: Any = "auto"
     inverse_workers: str = "replicate"
+    # "gather" by default: row-sharded states hold one rank's rows of U, which Accelerate /
+    # Trainer checkpoints (one optimizer file from rank 0) cannot resume from; measured trade-
+    # off in benchmarks/README.md, "Woodbury across ranks"
+    woodbury_reduction: str = "gather"
     comm_dtype: torch.dtype | None = None
     grad_scaler: Any = None
 
@@ -129,6 +134,7 @@ class KFACOptions:
         self.inv_device = self._check_inv_device(self.inv_device)
         _check_choice("comm_dtype", self.comm_dtype, FACTOR_DTYPES)
         _check_choice("inverse_workers", self.inverse_workers, INVERSE_WORKERS)
+        _check_choice("woodbury_reduction", self.woodbury_reduction, WOODBURY_REDUCTIONS)
         if not isinstance(self.eigenvalue_correction, bool):
             raise TypeError("eigenvalue_correction must be a bool, got "
                             f"{self.eigenvalue_correction!r}")

@@ -21,10 +21,15 @@ from torch import Tensor, nn
 from .distributed import (
     CommStats,
     all_gather_columns,
+    all_gather_rows,
+    all_reduce_sum,
     all_reduce_symmetric,
     assign_greedy,
     broadcast_tensors,
+    exchange_to_rows,
     resolve_group,
+    row_range,
+    world_size,
 )
 from .factors import (
     LowRankFactor,
@@ -41,6 +46,7 @@ from .inverse import (
     factored_damping,
     lowrank_eigh,
     precondition_eig,
+    precondition_woodbury_exact,
     precondition_woodbury_factored,
     robust_cholesky,
 )
@@ -82,16 +88,20 @@ class _Layer:
     ``inv`` holds what preconditioning needs, computed at the last inverse update:
     ``s_a, q_a`` (A's eigenpairs; ``q_a`` None for a diagonal A) and either
     ``s_g, q_g, s_g_rest`` (G's eigenpairs, full or thin) or, for a low-rank G with
-    factored damping, ``u, gram, trace_g`` (Woodbury).
+    factored damping, ``u, gram, trace_g`` (Woodbury). Row-sharded (``rows`` set: this
+    rank's ``(start, stop)`` of G's rows) it holds ``u_rows`` and this rank's rows ``u`` of
+    U, with ``gram, trace_g`` (factored) or the Gram's eigenpairs ``gram_s, gram_w`` and
+    ``s_g, s_g_rest`` (exact; ``s_g``: G's min(o, k) largest eigenvalues, for diagnostics).
     """
 
-    def __init__(self, capture: LayerCapture, opts: KFACOptions):
+    def __init__(self, capture: LayerCapture, opts: KFACOptions,
+                 rows: tuple[int, int] | None = None):
         self.capture = capture
+        self.opts = opts
+        self.rows = rows
         self.a = RunningFactor(opts.factor_dtype if opts.factor_dtype in _HALF else None)
         if opts.uses_low_rank_g(capture.out_features):
-            self.g: RunningFactor | LowRankFactor = LowRankFactor(
-                opts.woodbury_dtype, opts.woodbury_store_device,
-                opts.woodbury_store_threshold_bytes)
+            self.g: RunningFactor | LowRankFactor = self.new_low_rank()
         else:
             self.g = RunningFactor(self.a.storage_dtype)
         self.inv: dict[str, Any] | None = None
@@ -108,9 +118,19 @@ class _Layer:
         self.positional = False
         self.diag: dict[str, Any] = {}
 
+    def new_low_rank(self) -> LowRankFactor:
+        opts = self.opts
+        return LowRankFactor(opts.woodbury_dtype, opts.woodbury_store_device,
+                             opts.woodbury_store_threshold_bytes, rows=self.rows)
+
     @property
     def low_rank(self) -> bool:
         return isinstance(self.g, LowRankFactor)
+
+    @property
+    def row_sharded(self) -> bool:
+        """Whether G is a low-rank factor of which this rank holds a row slice."""
+        return self.low_rank and self.g.rows is not None
 
     def state_dict(self) -> dict:
         return {
@@ -251,7 +271,27 @@ class KFACPreconditioner:
         inverse_workers: with several ranks, ``"replicate"`` (every rank computes every
             inverse: no communication) or ``"assign"`` (each layer's inverse computed by one
             rank, greedy by cost, then broadcast: 1/R of the compute for the bytes of the
-            eigenbases; KAISA's trade-off, Pauloski et al. 2021).
+            eigenbases; KAISA's trade-off, Pauloski et al. 2021). Row-sharded low-rank layers
+            (``woodbury_reduction``) are computed by every rank whatever this says.
+        woodbury_reduction: how a low-rank G is reduced with several ranks (ignored with
+            one): ``"gather"`` (default: every rank all-gathers the column blocks and holds
+            the whole U (o, k); traffic only at factor updates, (R-1) o T_r values per rank)
+            or ``"row_sharded"`` (each rank holds rows ``distributed.row_range(o, rank, R)``
+            of U, the FSDP2 ``Shard(0)`` split: column blocks are exchanged into row slices
+            by one all_to_all at factor updates; the Gram ``U^T U`` is an all-reduce of the
+            per-rank Grams in float64 at inverse updates; at every step ``U^T V`` is an
+            all-reduce of a k x d matrix and each rank finishes its rows of the update, which
+            are all-gathered). Row-sharded needs 1/R of U's memory and of the per-step
+            Woodbury products per rank, for about k d + o d values sent per step. A rank's
+            ``state_dict()`` then holds its own rows of U (same keys on every rank:
+            ``G.rows`` is ``[start, stop]``) and loads only at the same rank and world size.
+            Past ``woodbury_max_rank`` the rows are all-gathered and G becomes dense. Default
+            "gather" (benchmarks/README.md, "Woodbury across ranks"): measured at 2 gloo
+            ranks on CPU, heads 4096x128 and 8192x256, row-sharded was 1.3-1.9x faster per
+            step with half of U per rank, but Accelerate's ``save_state`` and the Trainer
+            write one optimizer file from the main process, which a row-sharded state
+            cannot resume from (the load raises), and it sends at every step. Use
+            ``"row_sharded"`` for a large head with checkpoints saved per rank.
         inv_device: eigensolver device: ``"auto"`` (the layer's), ``"cpu"`` or a CUDA
             device; results come back to the layer's device.
         eigenvalue_correction: EKFAC (George et al. 2018): running second moments of the
@@ -285,6 +325,12 @@ class KFACPreconditioner:
         self._fsdp1 = fsdp1_root(model)
         self.model = _unwrap(model)
         self._group = resolve_group(opts.process_group)
+        # Row-sharded Woodbury: (rank, world size) when it applies (several ranks), else None.
+        self._shard: tuple[int, int] | None = None
+        if opts.woodbury_reduction == "row_sharded" and world_size(self._group) > 1:
+            import torch.distributed as dist
+
+            self._shard = (dist.get_rank(self._group), world_size(self._group))
         self.comm = CommStats()
         self.steps = 0
         self.capture_enabled = True
@@ -298,7 +344,10 @@ class KFACPreconditioner:
         self._handles: list = []
         with self._whole_parameters(with_grads=False):  # FSDP1: shapes of whole weights
             for name, module in self._select_modules():
-                self._layers[name] = _Layer(capture_for(name, module), opts)
+                capture = capture_for(name, module)
+                rows = (None if self._shard is None
+                        else row_range(capture.out_features, *self._shard))
+                self._layers[name] = _Layer(capture, opts, rows)
         for layer in self._layers.values():
             self._handles.append(layer.capture.module.register_forward_hook(
                 partial(self._forward_hook, layer)))
@@ -534,7 +583,8 @@ class KFACPreconditioner:
 
         Every rank contributes every layer, zeros where it saw no rows, so the collective
         calls match; dense sums and counts travel in one packed bucket, low-rank G blocks
-        are gathered. A layer no rank saw is left with nothing pending.
+        are gathered (or, row-sharded, exchanged into this rank's rows of every block). A
+        layer no rank saw is left with nothing pending.
         """
         dense, low_rank = [], []
         for layer in self._layers.values():
@@ -562,9 +612,10 @@ class KFACPreconditioner:
             seen.append(layer.a.pending_count > 0)
         for layer in low_rank:
             block = torch.cat(layer.g.pending_rows).t()
-            gathered = all_gather_columns(block, self._group, comm_dtype=self.options.comm_dtype,
-                                          stats=self.comm)
-            layer.g.pending_rows = [gathered.t()]
+            reduce = exchange_to_rows if layer.row_sharded else all_gather_columns
+            reduced_block = reduce(block, self._group, comm_dtype=self.options.comm_dtype,
+                                   stats=self.comm)
+            layer.g.pending_rows = [reduced_block.t()]
         for layer, ok in zip(self._layers.values(), torch.stack(seen).tolist(), strict=True):
             if not ok:
                 layer.a.take_batch()
@@ -586,7 +637,11 @@ class KFACPreconditioner:
         if not updates:
             return counts
         finite = torch.stack([torch.isfinite(a).all() & torch.isfinite(g).all()
-                              for _, a, g in updates]).tolist()
+                              for _, a, g in updates])
+        if self._shard is not None:  # row slices differ: every rank must skip the same layers
+            finite = all_reduce_sum((~finite).to(torch.int32), self._group, kind="counts",
+                                    stats=self.comm) == 0
+        finite = finite.tolist()
         decay = self.options.factor_decay
         for (layer, a, g), ok in zip(updates, finite, strict=True):
             if not ok:
@@ -609,8 +664,13 @@ class KFACPreconditioner:
         eigensolver fails) turn it dense once it passes ``max_low_rank``."""
         opts, o = self.options, layer.capture.out_features
         if opts.truncates(o) and layer.g.rank > opts.woodbury_rank:
+            reduce = None
+            if layer.row_sharded:  # U^T U is the sum of the row slices' Grams
+                def reduce(gram: Tensor) -> Tensor:
+                    return all_reduce_sum(gram, self._group, kind="low_rank_gram",
+                                          stats=self.comm)
             dropped = layer.g.truncate(opts.woodbury_rank, dtype=opts.inv_dtype,
-                                       device=opts.inv_device)
+                                       device=opts.inv_device, reduce_gram=reduce)
             if dropped is not None:
                 layer.diag["dropped_G"] = dropped
                 log.debug("K-FAC layer '%s': low-rank G truncated to %d columns, %.3g of its "
@@ -619,6 +679,9 @@ class KFACPreconditioner:
         if layer.g.rank > limit:
             log.info("K-FAC layer '%s': low-rank G reached %d columns (> %d): switching "
                      "to a dense G and the eig policy", layer.capture.name, layer.g.rank, limit)
+            if layer.row_sharded:
+                layer.g.cols = all_gather_rows(layer.g.cols, o, self._group, stats=self.comm)
+                layer.g.rows = None
             layer.g = layer.g.to_dense()
 
     def _update_eigenvalue_corrections(self, counts: dict[str, Tensor]) -> None:
@@ -649,8 +712,11 @@ class KFACPreconditioner:
                   if layer.a.ema is not None and layer.g.updates > 0]
         if self._group is None or self.options.inverse_workers == "replicate":
             results = {layer.capture.name: self._inverse(layer) for layer in layers}
-        else:
-            results = self._assigned_inverses(layers)
+        else:  # a row-sharded layer's inverse needs every rank's rows: not assigned
+            results = {layer.capture.name: self._inverse(layer) for layer in layers
+                       if layer.row_sharded}
+            results.update(self._assigned_inverses([layer for layer in layers
+                                                    if not layer.row_sharded]))
         for layer in layers:
             inv = results[layer.capture.name]
             if inv is None:
@@ -700,6 +766,12 @@ class KFACPreconditioner:
     def _inverse(self, layer: _Layer) -> dict[str, Any] | None:
         opts, cap = self.options, layer.capture
         kappa = opts.max_condition_number
+        gram = None
+        if layer.row_sharded:  # collective first, so that every rank takes part in it
+            u = layer.g.factor()
+            wide = u.to(torch.float64)
+            (gram,) = all_reduce_symmetric([wide.t() @ wide], self._group, stats=self.comm,
+                                           kind="low_rank_gram")
         if cap.diagonal_a:
             s_a, q_a = layer.a.value(), None
         else:
@@ -708,6 +780,8 @@ class KFACPreconditioner:
                 return None
             s_a, q_a = eig_a
         s_a, clipped_a = clip_condition(s_a, kappa)
+        if gram is not None:
+            return self._row_sharded_inverse(layer, u, gram, s_a, q_a, clipped_a)
         if layer.low_rank and opts.damping_mode == "factored":
             u = layer.g.factor()
             gram = u.t() @ u
@@ -728,8 +802,66 @@ class KFACPreconditioner:
                 "clipped_A": clipped_a,
                 "clipped_G": clipped_g + (q_g.shape[0] - q_g.shape[1] if rest else 0)}
 
+    def _row_sharded_inverse(self, layer: _Layer, u: Tensor, gram: Tensor, s_a: Tensor,
+                             q_a: Tensor | None, clipped_a: int) -> dict[str, Any] | None:
+        """Inverse of a row-sharded low-rank G from this rank's rows ``u`` (o_r, k) and the
+        global Gram ``U^T U`` (k, k, float64): factored damping keeps the Gram (Cholesky at
+        preconditioning, as for a whole U); exact damping its eigenpairs, computed in float64
+        (``inverse.precondition_woodbury_exact``)."""
+        o, kappa = layer.capture.out_features, self.options.max_condition_number
+        common = {"s_a": s_a, "q_a": q_a, "u": u, "u_rows": list(layer.g.rows),
+                  "clipped_A": clipped_a}
+        if self.options.damping_mode == "factored":
+            gram = gram.to(u.dtype)
+            return {**common, "gram": gram, "trace_g": gram.trace(), "clipped_G": 0}
+        eig = eigh_psd(gram, device=self.options.inv_device)
+        if eig is None:
+            return None
+        s, w = eig
+        # G's eigenvalues: the min(o, k) largest of the Gram's, 0 on the rest of R^o
+        s_g = s[-min(o, s.numel()):]
+        rest = float(s.max()) / kappa if kappa is not None and s.numel() else 0.0
+        s_g, clipped = clip_condition(s_g, kappa)
+        return {**common, "gram_s": s.to(u.dtype), "gram_w": w.to(u.dtype),
+                "s_g": s_g.to(u.dtype), "s_g_rest": rest,
+                "clipped_G": clipped + (max(o - s.numel(), 0) if rest else 0)}
+
+    def _precondition_row_sharded(self, layer: _Layer, grad: Tensor, damping: float) -> Tensor:
+        """This rank's rows of the preconditioned ``grad`` (o, d), then all of them: the
+        ``(k, d)`` products ``U^(r)T V^(r)`` are summed over ranks (DESIGN.md)."""
+        inv, o = layer.inv, layer.capture.out_features
+        start, stop = inv["u_rows"]
+        reduce = partial(all_reduce_sum, group=self._group, kind="low_rank_utv",
+                         stats=self.comm)
+        if "gram_w" in inv:
+            rows = precondition_woodbury_exact(
+                grad[start:stop], inv["u"], inv["gram_s"], inv["gram_w"], inv["q_a"],
+                inv["s_a"], damping, inv["s_g_rest"], reduce=reduce)
+        else:
+            rows = self._precondition_woodbury_factored(layer, grad[start:stop], damping,
+                                                        reduce)
+        return all_gather_rows(rows, o, self._group, stats=self.comm)
+
+    def _precondition_woodbury_factored(self, layer: _Layer, grad: Tensor, damping: float,
+                                        reduce: Any = None) -> Tensor:
+        """``(G + lambda_G I)^{-1} V (A + lambda_A I)^{-1}`` with G = U U^T (Woodbury); the
+        Cholesky factor of ``lambda_G I + U^T U`` is cached until the damping changes."""
+        inv = layer.inv
+        s_a = inv["s_a"]
+        lam_a, lam_g = factored_damping(s_a.sum(), s_a.numel(), inv["trace_g"],
+                                        layer.capture.out_features, damping)
+        if layer.solver is None or layer.solver[0] != damping:
+            gram = inv["gram"]
+            eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            layer.solver = (damping, robust_cholesky(gram + lam_g * eye))
+            layer.diag["jitter"] = layer.solver[1][2]
+        return precondition_woodbury_factored(grad, inv["u"], layer.solver[1], lam_g, inv["q_a"],
+                                              s_a, lam_a, reduce)
+
     def _precondition_layer(self, layer: _Layer, grad: Tensor, damping: float) -> Tensor:
-        inv, cap = layer.inv, layer.capture
+        inv = layer.inv
+        if "u_rows" in inv:
+            return self._precondition_row_sharded(layer, grad, damping)
         full_basis = "u" not in inv and inv["q_g"].shape[1] == inv["q_g"].shape[0]
         if full_basis and self.options.damping_mode == "factored":
             if layer.solver is None or layer.solver[0] != damping:
@@ -744,16 +876,7 @@ class KFACPreconditioner:
             return precondition_eig(grad, inv["q_g"], inv["s_g"], inv["q_a"], inv["s_a"],
                                     damping, self.options.damping_mode, inv["s_g_rest"],
                                     eigenvalues=corrected)
-        s_a = inv["s_a"]
-        lam_a, lam_g = factored_damping(s_a.sum(), s_a.numel(), inv["trace_g"],
-                                        cap.out_features, damping)
-        if layer.solver is None or layer.solver[0] != damping:
-            gram = inv["gram"]
-            eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-            layer.solver = (damping, robust_cholesky(gram + lam_g * eye))
-            layer.diag["jitter"] = layer.solver[1][2]
-        return precondition_woodbury_factored(grad, inv["u"], layer.solver[1], lam_g, inv["q_a"],
-                                              s_a, lam_a)
+        return self._precondition_woodbury_factored(layer, grad, damping)
 
     def _precondition(self, lr: float | None, damping: float, kl_clip: float | None) -> None:
         results = []
@@ -825,7 +948,10 @@ class KFACPreconditioner:
 
     # State ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Tensors and plain values only: step count, per-layer factors and eigenbases."""
+        """Tensors and plain values only: step count, per-layer factors and eigenbases.
+
+        With ``woodbury_reduction="row_sharded"`` a low-rank G (and its inverse) holds this
+        rank's rows of U only (``G.rows``, ``inv.u_rows``): save one state per rank."""
         return {"steps": self.steps,
                 "layers": {name: layer.state_dict() for name, layer in self._layers.items()}}
 
@@ -834,7 +960,9 @@ class KFACPreconditioner:
 
         Raises:
             RuntimeError: the state's layers or factor shapes do not match this model
-                (naming the layer): most likely a checkpoint of another model.
+                (naming the layer): most likely a checkpoint of another model; or a
+                row-sharded low-rank G saved at another rank or world size, or loaded without
+                ``woodbury_reduction="row_sharded"`` (or a whole U loaded with it).
         """
         saved = state["layers"]
         if set(saved) != set(self._layers):
@@ -848,10 +976,8 @@ class KFACPreconditioner:
             s = saved[name]
             dev = layer.capture.weight.device
             if s["G_low_rank"] != layer.low_rank:
-                opts = self.options
-                layer.g = (LowRankFactor(opts.woodbury_dtype, opts.woodbury_store_device,
-                                         opts.woodbury_store_threshold_bytes)
-                           if s["G_low_rank"] else RunningFactor(layer.a.storage_dtype))
+                layer.g = (layer.new_low_rank() if s["G_low_rank"]
+                           else RunningFactor(layer.a.storage_dtype))
             layer.a.load_state_dict(_to_device(s["A"], dev))
             layer.g.load_state_dict(_to_device(s["G"], dev))
             layer.inv = None if s["inv"] is None else _to_device(s["inv"], dev)
@@ -869,6 +995,13 @@ class KFACPreconditioner:
         d, o = cap.in_features, cap.out_features
         expected_a = (d,) if cap.diagonal_a else (d, d)
         g = s["G"].get("ema", s["G"].get("cols"))
+        if s["G_low_rank"]:
+            try:
+                layer.new_low_rank().check_rows(s["G"])
+            except RuntimeError as err:
+                raise RuntimeError(f"K-FAC state for layer '{cap.name}': {err}") from None
+            if layer.rows is not None:  # a row-sharded U: this rank's rows only
+                o = layer.rows[1] - layer.rows[0]
         for key, value, expected in (("A", s["A"]["ema"], expected_a), ("G", g, (o, o))):
             shape = None if value is None else tuple(value.shape)
             if key == "G" and s["G_low_rank"] and shape is not None:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kfac_optim import KFAC, KFACPreconditioner
+from kfac_optim.distributed import all_gather_rows
 
 
 def model_fn():
@@ -32,7 +33,7 @@ def data(step):
     y = torch.randint(0, 3, (4, 5), generator=g)
     mask = torch.ones(4, 5)
     mask[0, 4] = 0  # rank 0: 9 valid tokens
-    mask[2, 2:] = 0  # rank 1: 7 valid tokens
+    mask[2, 2:] = 0  # rank 1: 3 valid tokens
     mask[3, 1:] = 0
     return x, y, mask
 
@@ -64,8 +65,16 @@ def max_diff(a, b):
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True)) if a else 0.0
 
 
+def g_value(layer):
+    """G of a layer; a row-sharded U is gathered first (every rank calls this together)."""
+    if getattr(layer.g, "rows", None) is None:
+        return layer.g.value()
+    u = all_gather_rows(layer.g.factor(), layer.capture.out_features, dist.group.WORLD)
+    return u @ u.t()
+
+
 def factor_values(pre):
-    return [t for layer in pre._layers.values() for t in (layer.a.value(), layer.g.value())]
+    return [t for layer in pre._layers.values() for t in (layer.a.value(), g_value(layer))]
 
 
 def full(t):
@@ -136,12 +145,15 @@ def compare_preconditioner(rank, steps=3, wrap="ddp", **kw):
         worst["grads"] = max(worst["grads"], max_diff(
             whole(ddp, model), [p.grad for p in ref_model.parameters()]))
     worst["bytes"] = dict(pre.comm.bytes)
+    worst["u_rows"] = {name: layer.g.cols.shape[0] for name, layer in pre._layers.items()
+                       if layer.low_rank}
+    worst["policies"] = [row["policy"] for row in pre.describe()]
     return worst
 
 
-def resume(rank, path):
-    kw = dict(lr=0.05, damping=1e-2, factor_update_steps=1, inv_update_steps=2,
-              inverse_policy="auto", factor_decay=0.7)
+def resume(rank, path, **extra):
+    kw = {**dict(lr=0.05, damping=1e-2, factor_update_steps=1, inv_update_steps=2,
+                 inverse_policy="auto", factor_decay=0.7), **extra}
 
     def run(ddp, opt, pre_steps):
         for step in pre_steps:
@@ -160,7 +172,9 @@ def resume(rank, path):
     o2 = KFAC(d2, **kw)
     run(d2, o2, range(2))
     state = o2.state_dict()
-    keys = sorted(state["kfac"]["layers"]) + sorted(state["kfac"]["layers"]["0"])
+    layer = state["kfac"]["layers"]["0"]
+    keys = (sorted(state["kfac"]["layers"]) + sorted(layer) + sorted(layer["G"])
+            + sorted(layer["inv"] or {}))
     all_keys = [None, None]
     dist.all_gather_object(all_keys, keys)
     torch.save({"model": m2.state_dict(), "opt": state}, f"{path}.rank{rank}.pt")
@@ -171,7 +185,8 @@ def resume(rank, path):
     o3 = KFAC(d3, **kw)
     o3.load_state_dict(ckpt["opt"])
     run(d3, o3, range(2, 4))
-    return {"same_keys_on_ranks": all_keys[0] == all_keys[1],
+    return {"same_keys_on_ranks": all_keys[0] == all_keys[1], "keys": keys,
+            "g_rows": layer["G"].get("rows"),
             "max_param_diff": max_diff(list(m1.parameters()), list(m3.parameters()))}
 
 
@@ -264,6 +279,25 @@ def main():
                 max_condition_number=1e4)
     results["comm_bfloat16"] = compare_preconditioner(rank, comm_dtype=torch.bfloat16)
     results["resume"] = resume(rank, out)
+    rowshard = dict(inverse_policy="woodbury", woodbury_reduction="row_sharded")
+    for mode in ("exact", "factored"):
+        results[f"rowshard-woodbury-{mode}"] = compare_preconditioner(
+            rank, steps=4, damping_mode=mode, **rowshard)
+    # layer 0 (o = 24) row-sharded Woodbury, layer 2 (o = 3) dense and assigned; clipping
+    results["rowshard-assign-hybrid"] = compare_preconditioner(
+        rank, inverse_policy="hybrid", hybrid_min_out=20, woodbury_reduction="row_sharded",
+        inverse_workers="assign", max_condition_number=1e4)
+    # 16 columns per update: past 40 at the third step both layers turn dense
+    results["rowshard-dense-fallback"] = compare_preconditioner(
+        rank, steps=4, woodbury_max_rank=40, **rowshard)
+    results["rowshard-fsdp"] = compare_preconditioner(rank, wrap="fsdp", **rowshard)
+    # Truncated EMA (woodbury_rank=6 < 12 columns per update): gather mode truncates the
+    # gathered U by QR, row-sharded mode through the all-reduced float64 Gram.
+    for reduction in ("gather", "row_sharded"):
+        results[f"truncate-{reduction}"] = compare_preconditioner(
+            rank, steps=4, inverse_policy="woodbury", woodbury_rank=6,
+            woodbury_reduction=reduction)
+    results["rowshard-resume"] = resume(rank, f"{out}.rowshard", **rowshard)
     for policy in ("eig", "woodbury"):
         results[f"fsdp-{policy}"] = compare_preconditioner(rank, wrap="fsdp",
                                                            inverse_policy=policy)

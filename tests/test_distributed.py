@@ -27,7 +27,11 @@ def results(tmp_path_factory):
                                       "woodbury-factored", "ekfac", "fsdp-eig", "fsdp-woodbury",
                                       "fsdp-before-shard", "assign-eig-exact",
                                       "assign-eig-factored", "assign-woodbury-exact",
-                                      "assign-woodbury-factored", "fsdp1-eig", "fsdp1-woodbury"])
+                                      "assign-woodbury-factored", "fsdp1-eig", "fsdp1-woodbury",
+                                      "rowshard-woodbury-exact", "rowshard-woodbury-factored",
+                                      "rowshard-assign-hybrid", "rowshard-dense-fallback",
+                                      "rowshard-fsdp", "truncate-gather",
+                                      "truncate-row_sharded"])
 def test_two_ranks_equal_single_process(results, scenario):
     r = results[scenario]
     assert r["factors"] < 1e-12
@@ -41,15 +45,39 @@ def test_bytes_packed_and_gathered(results):
     assert results["woodbury-exact"]["bytes"]["low_rank_gather"] > 0
 
 
+def test_row_sharded_holds_row_slices_and_sends_them(results):
+    """Rank 0 holds rows 0:12 of layer 0's U (o = 24) and 0:2 of layer 2's (o = 3: uneven);
+    per step it sends the other rank its 9 valid tokens' other rows (all_to_all), and
+    all-reduces U^T V (k x d, k = 12 valid tokens per step, stacked) and all-gathers its
+    rows of the update (padded to 2 rows for layer 2), float64."""
+    r = results["rowshard-woodbury-exact"]
+    assert r["u_rows"] == {"0": 12, "2": 2}
+    assert results["woodbury-exact"]["u_rows"] == {"0": 24, "2": 3}
+    ks = [12, 24, 36, 48]  # four steps
+    assert r["bytes"]["low_rank_exchange"] == 4 * 9 * ((24 - 12) + (3 - 2)) * 8
+    assert r["bytes"]["low_rank_utv"] == sum(ks) * (5 + 25) * 8
+    assert r["bytes"]["low_rank_gram"] == 2 * sum(k * (k + 1) // 2 for k in ks) * 8
+    assert r["bytes"]["low_rank_rows"] == 4 * (12 * 5 + 2 * 25) * 8
+    assert "low_rank_gather" not in r["bytes"]
+    assert results["rowshard-assign-hybrid"]["policies"] == ["woodbury", "eig"]
+    assert results["rowshard-dense-fallback"]["policies"] == ["eig", "eig"]
+
+
 def test_bfloat16_communication(results):
     r = results["comm_bfloat16"]
     assert r["factors"] < 2e-2
     assert r["bytes"]["dense"] * 4 == results["eig-exact"]["bytes"]["dense"]
 
 
-def test_resume_two_ranks_exact(results):
-    assert results["resume"]["same_keys_on_ranks"]
-    assert results["resume"]["max_param_diff"] == 0.0
+@pytest.mark.parametrize("scenario", ["resume", "rowshard-resume"])
+def test_resume_two_ranks_exact(results, scenario):
+    assert results[scenario]["same_keys_on_ranks"]
+    assert results[scenario]["max_param_diff"] == 0.0
+
+
+def test_row_sharded_state_holds_rank_rows(results):
+    assert results["rowshard-resume"]["g_rows"] == [0, 12]  # rank 0 of layer 0 (o = 24)
+    assert "u_rows" in results["rowshard-resume"]["keys"]
 
 
 def test_fsdp2_kfac_optimizer_matches_single_process(results):

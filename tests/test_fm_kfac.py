@@ -269,6 +269,17 @@ def test_bad_arguments(setup):
     fresh.remove()
 
 
+def test_row_sharded_state_refused(setup):
+    """One rank's state under woodbury_reduction="row_sharded" holds some rows of U only."""
+    model, pre, _ = setup
+    state = pre.state_dict()
+    entry = state["layers"]["fc"]["G"]
+    assert state["layers"]["fc"]["G_low_rank"] and entry["rows"] is None
+    entry["cols"], entry["rows"] = entry["cols"][:6], [0, 6]
+    with pytest.raises(ValueError, match=r"layer 'fc'.*rows \(0, 6\).*row_sharded"):
+        fm.KFACFisher.from_state_dict(state, model)
+
+
 def test_tied_weight_aliases_and_float32():
     from transformers import GPT2Config, GPT2LMHeadModel
 

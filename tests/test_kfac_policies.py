@@ -15,8 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfac_optim import KFAC, KFACPreconditioner
-from kfac_optim.factors import choose_store_device
-from kfac_optim.inverse import robust_cholesky, woodbury_solve
+from kfac_optim.distributed import row_range
+from kfac_optim.factors import LowRankFactor, choose_store_device
+from kfac_optim.inverse import (
+    eigh_psd,
+    precondition_woodbury_exact,
+    precondition_woodbury_factored,
+    robust_cholesky,
+    woodbury_solve,
+)
 from tests.kfac_reference import factors, grad_matrix, kron_exact, linear_rows, probe_layer
 
 TOL = dict(rtol=1e-7, atol=1e-9)
@@ -384,7 +391,101 @@ def test_resume_with_woodbury_policy_is_exact():
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("o,k", [(9, 4), (5, 8)])  # thin U; k > o with a repeated column
+@pytest.mark.parametrize("kappa", [None, 30.0])
+def test_woodbury_from_gram_matches_dense_and_row_slices(o, k, kappa):
+    """The row-sharded paths (inverse.precondition_woodbury_exact / _factored) against dense
+    float64 references: G = U U^T, eigenvalues clipped below max / kappa (the complement of
+    U's range included); row slices (row_range over 2 and 3 ranks) with a reduce that sums
+    the slices' U^(r)T V^(r) give the rows of the whole result."""
+    g = torch.Generator().manual_seed(o * k)
+    u = torch.randn(o, k, generator=g, dtype=torch.float64)
+    if k > o:
+        u[:, -1] = u[:, 0]
+    x = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    a, v, lam = x.T @ x / 7, torch.randn(o, 4, generator=g, dtype=torch.float64), 1e-2
+    s_full, q_full = torch.linalg.eigh(u @ u.T)
+    s_full = s_full.clamp(min=0)
+    rest = 0.0 if kappa is None else float(s_full.max()) / kappa
+    g_clipped = (q_full * s_full.clamp(min=rest)) @ q_full.T
+    s_a, q_a = eigh_psd(a)
+    s, w = eigh_psd(u.T @ u)
+    got = precondition_woodbury_exact(v, u, s, w, q_a, s_a, lam, rest)
+    torch.testing.assert_close(got, kron_exact(v, a, g_clipped, lam), **TOL)
+    gram = u.T @ u
+    solver = robust_cholesky(gram + 0.3 * torch.eye(k, dtype=torch.float64))
+    factored = precondition_woodbury_factored(v, u, solver, 0.3, q_a, s_a, 0.2)
+    eye_o, eye_d = torch.eye(o, dtype=torch.float64), torch.eye(4, dtype=torch.float64)
+    dense = torch.linalg.solve(u @ u.T + 0.3 * eye_o, v) @ torch.linalg.inv(a + 0.2 * eye_d)
+    torch.testing.assert_close(factored, dense, **TOL)
+    for ranks in (2, 3):
+        slices = [slice(*row_range(o, r, ranks)) for r in range(ranks)]
+        exact_rows = _as_ranks(slices, lambda sl, reduce: precondition_woodbury_exact(
+            v[sl], u[sl], s, w, q_a, s_a, lam, rest, reduce=reduce))
+        factored_rows = _as_ranks(slices, lambda sl, reduce: precondition_woodbury_factored(
+            v[sl], u[sl], solver, 0.3, q_a, s_a, 0.2, reduce=reduce))
+        torch.testing.assert_close(exact_rows, got, rtol=0, atol=1e-13)
+        torch.testing.assert_close(factored_rows, factored, rtol=0, atol=1e-13)
+
+
+def _as_ranks(slices, fn):
+    """``fn(row_slice, reduce)`` for each slice as ranks would run it, the reduce summing
+    every slice's partial product (an all-reduce); the slices' results concatenated."""
+    partials = []
+    for sl in slices:
+        fn(sl, lambda p: partials.append(p) or p)
+    total = sum(partials)
+    return torch.cat([fn(sl, lambda p: total) for sl in slices])
+
+
+def test_row_range_is_the_fsdp2_split():
+    for rows, ranks in ((3, 2), (24, 2), (5, 4), (2, 3), (8192, 3)):
+        chunks = torch.arange(rows).chunk(ranks)
+        for r in range(ranks):
+            start, stop = row_range(rows, r, ranks)
+            expected = chunks[r].tolist() if r < len(chunks) else []
+            assert list(range(start, stop)) == expected
+
+
+def test_row_sharded_low_rank_factor_state():
+    """A row slice's state says which rows it holds, refuses other rows, and the stacked EMA
+    of slices is the slice of the stacked EMA."""
+    g = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+    whole, part = LowRankFactor(), LowRankFactor(rows=(2, 5))
+    for block in blocks:
+        whole.update(block, 0.6)
+        part.update(block[2:5], 0.6)
+    torch.testing.assert_close(part.factor(), whole.factor()[2:5], rtol=0, atol=0)
+    assert part.state_dict()["rows"] == [2, 5] and whole.state_dict()["rows"] is None
+    with pytest.raises(RuntimeError, match="row-sharded"):
+        part.value()
+    with pytest.raises(RuntimeError, match="rows"):
+        LowRankFactor(rows=(0, 3)).load_state_dict(part.state_dict())
+    with pytest.raises(RuntimeError, match="rows"):
+        LowRankFactor().load_state_dict(part.state_dict())
+    legacy = {k: v for k, v in whole.state_dict().items() if k != "rows"}
+    LowRankFactor().load_state_dict(legacy)  # states saved before the key existed
+
+
+def test_row_sharded_is_ignored_in_a_single_process():
+    batches = _batches(2)
+    ref, _ = _run_policy("woodbury", "exact", batches)
+    got, pre = _run_policy("woodbury", "exact", batches, woodbury_reduction="row_sharded")
+    for step_ref, step_got in zip(ref, got, strict=True):
+        for r, g in zip(step_ref, step_got, strict=True):
+            assert torch.equal(g, r)
+    state = pre.state_dict()
+    assert state["layers"]["wide"]["G"]["rows"] is None
+    g = state["layers"]["wide"]["G"]
+    g["cols"], g["rows"] = g["cols"][:20], [0, 20]  # as rank 0 of 2 would save it
+    _, fresh = _run_policy("woodbury", "exact", [], woodbury_reduction="row_sharded")
+    with pytest.raises(RuntimeError, match=r"layer 'wide'.*rows \(0, 20\).*row_sharded"):
+        fresh.load_state_dict(state)
+
+
 POLICY_ERRORS = [
+    (dict(woodbury_reduction="rows"), ValueError, r"woodbury_reduction.*'gather', 'row_sharded'"),
     (dict(woodbury_max_rank=0), ValueError, "woodbury_max_rank"),
     (dict(woodbury_rank=0), ValueError, "woodbury_rank"),
     (dict(woodbury_rank=100, woodbury_max_rank=50), ValueError, "woodbury_rank"),
