@@ -19,7 +19,7 @@ INVERSE_POLICIES = ("eig", "woodbury", "auto", "hybrid")
 LOSS_REDUCTIONS = ("mean", "sum")
 FACTOR_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
 INV_DTYPES = (None, torch.float32, torch.float64)
-INVERSE_WORKERS = ("replicate", "assign")
+INVERSE_WORKERS = ("replicate", "assign", "owner")
 STORE_DEVICES = ("auto", "cpu", "compute")
 
 
@@ -91,6 +91,7 @@ class KFACOptions:
     process_group: Any = "auto"
     inverse_workers: str = "replicate"
     comm_dtype: torch.dtype | None = None
+    comm_bucket_mb: float | None = None
     grad_scaler: Any = None
 
     def __post_init__(self) -> None:
@@ -123,12 +124,21 @@ class KFACOptions:
         self.inv_device = self._check_inv_device(self.inv_device)
         _check_choice("comm_dtype", self.comm_dtype, FACTOR_DTYPES)
         _check_choice("inverse_workers", self.inverse_workers, INVERSE_WORKERS)
+        if self.comm_bucket_mb is not None and (not _is_real(self.comm_bucket_mb)
+                                                or self.comm_bucket_mb <= 0):
+            raise ValueError("comm_bucket_mb must be None (one buffer per destination) or a "
+                             f"real number of MiB > 0, got {self.comm_bucket_mb!r}")
         if not isinstance(self.eigenvalue_correction, bool):
             raise TypeError("eigenvalue_correction must be a bool, got "
                             f"{self.eigenvalue_correction!r}")
         if self.eigenvalue_correction and self.damping_mode != "exact":
             raise ValueError("eigenvalue_correction=True (EKFAC) needs damping_mode='exact' "
                              f"(got damping_mode={self.damping_mode!r})")
+        if self.eigenvalue_correction and self.inverse_workers == "owner":
+            raise ValueError(
+                "eigenvalue_correction=True (EKFAC) is not supported with inverse_workers="
+                "'owner': its per-row statistics live on every rank and the eigenbasis on the "
+                "layer's owner only; use inverse_workers='replicate' or 'assign'")
         if self.grad_scaler is not None and not hasattr(self.grad_scaler, "get_scale"):
             raise TypeError("grad_scaler must be a torch.amp.GradScaler (or None), got "
                             f"{type(self.grad_scaler).__name__}")
@@ -165,6 +175,11 @@ class KFACOptions:
                 raise TypeError("skip_layers entries must be module-name regexes (str) or "
                                 f"nn.Module subclasses, got {item!r}")
         return items
+
+    @property
+    def comm_bucket_bytes(self) -> int | None:
+        """``comm_bucket_mb`` in bytes (None: no cap)."""
+        return None if self.comm_bucket_mb is None else max(1, int(self.comm_bucket_mb * 2**20))
 
     def uses_low_rank_g(self, out_features: int) -> bool:
         """Whether a layer starts with a low-rank (Woodbury) G under ``inverse_policy``."""
