@@ -6,6 +6,10 @@ batch give the same factors as one process holding all of it. So ranks exchange 
 (ranks can hold different numbers of valid tokens), and a low-rank G's column blocks
 are gathered, not their Grams summed (``U_i^T U_j`` cross terms).
 
+Owner mode (``inverse_workers="owner"``): sums go to one rank per layer (``reduce_symmetric``
+with ``dst``), column blocks are gathered to it (``all_gather_columns`` with ``dst``), and
+its preconditioned gradients come back to every rank (``broadcast_from_owners``).
+
 Buckets: tensors are packed into flat buffers of at most ``bucket_bytes`` (one tensor
 larger than that travels alone; None: one buffer per destination and wire dtype). Every
 buffer is issued with ``async_op=True`` as soon as it is packed, then the buffers are
