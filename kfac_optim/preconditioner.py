@@ -260,9 +260,10 @@ class KFACPreconditioner:
             this rank's layers: save and load one state per rank, same number of ranks.
         comm_dtype: wire dtype of the factor sums (None: the factor dtype; counts are
             always float64).
-        comm_bucket_mb: cap in MiB on one communication buffer (None: one buffer per
-            destination). Buffers are issued asynchronously and unpacked in order, so
-            packing / unpacking overlap with later transfers (``kfac_optim.distributed``).
+        comm_bucket_mb: cap in MiB on one communication buffer (None, the default: one
+            buffer per destination, measured fastest on gloo CPU, benchmarks/README.md).
+            Buffers are issued asynchronously and unpacked in order, so packing /
+            unpacking overlap with later transfers (``kfac_optim.distributed``).
         inv_device: eigensolver device: ``"auto"`` (the layer's), ``"cpu"`` or a CUDA
             device; results come back to the layer's device.
         eigenvalue_correction: EKFAC (George et al. 2018): running second moments of the

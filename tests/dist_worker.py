@@ -138,6 +138,9 @@ def compare_preconditioner(rank, steps=3, wrap="ddp", build=model_fn, **kw):
                                                     dist.ReduceOp.MAX)
     # layers whose factors some rank holds, summed over ranks: 2 x ranks replicated, 2 owned
     (worst["held"],) = across_ranks([len(pairs) / 2], dist.ReduceOp.SUM)
+    # low-rank Gs over ranks: every rank must agree on each G's form
+    (worst["low_rank"],) = across_ranks([sum(la.low_rank for la in pre._layers.values())],
+                                        dist.ReduceOp.SUM)
     worst["bytes"] = dict(pre.comm.bytes)
     worst["calls"] = dict(pre.comm.calls_by_kind)
     worst["fingerprint"] = fingerprint(pre)
@@ -270,6 +273,9 @@ def main():
         for mode in ("exact", "factored"):
             results[f"owner-{policy}-{mode}"] = compare_preconditioner(
                 rank, inverse_policy=policy, damping_mode=mode, inverse_workers="owner")
+    # low-rank G turning dense on its owner (auto: past 0.75 o columns); the others follow
+    results["owner-auto"] = compare_preconditioner(rank, inverse_workers="owner",
+                                                   inverse_policy="auto")
     # a clip that binds: the scale from the broadcast results must be the reference's
     results["owner-kl-clip"] = compare_preconditioner(rank, inverse_workers="owner",
                                                       kl_clip=1e-8, lr=1.0)

@@ -31,7 +31,7 @@ def results(tmp_path_factory):
                                       "owner-eig-factored", "owner-woodbury-exact",
                                       "owner-woodbury-factored", "owner-kl-clip",
                                       "owner-fsdp-eig", "owner-fsdp-woodbury", "owner-deep",
-                                      "bucketed", "owner-bucketed"])
+                                      "owner-auto", "bucketed", "owner-bucketed"])
 def test_two_ranks_equal_single_process(results, scenario):
     r = results[scenario]
     assert r["factors"] < 1e-12
@@ -75,8 +75,8 @@ def test_greedy_assignment_balances_cost():
 
 
 OWNER = ["owner-eig-exact", "owner-eig-factored", "owner-woodbury-exact",
-         "owner-woodbury-factored", "owner-kl-clip", "owner-fsdp-eig", "owner-fsdp-woodbury",
-         "owner-deep", "owner-bucketed"]
+         "owner-woodbury-factored", "owner-auto", "owner-kl-clip", "owner-fsdp-eig",
+         "owner-fsdp-woodbury", "owner-deep", "owner-bucketed"]
 
 
 @pytest.mark.parametrize("scenario", OWNER)
@@ -96,6 +96,11 @@ def test_owner_mode_bytes(results):
     assert results["owner-eig-exact"]["bytes"]["grad_broadcast"] == 3 * (24 * 5 + 3 * 25) * 8
     assert results["owner-woodbury-exact"]["bytes"]["low_rank_gather"] > 0
     assert "grad_broadcast" not in results["eig-exact"]["bytes"]
+
+
+def test_owner_mode_low_rank_g_turns_dense_on_every_rank(results):
+    assert results["owner-woodbury-exact"]["low_rank"] == 2 * 2  # 2 layers, 2 ranks
+    assert results["owner-auto"]["low_rank"] == 0  # past 0.75 o columns: dense everywhere
 
 
 def test_bucketed_communication_same_factors(results):
