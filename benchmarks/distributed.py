@@ -1,6 +1,7 @@
-"""Bytes sent per factor update and step time at 1 vs 2 ranks (gloo, CPU).
+"""Bytes sent per factor update, factor memory per rank and step time at 1 vs 2 ranks (gloo).
 
-    python benchmarks/distributed.py [--steps 12] [--out benchmarks/results/distributed.json]
+    python benchmarks/distributed.py [--steps 12] [--bucket-mb 0.25,1]
+                                     [--out benchmarks/results/distributed.json]
     python benchmarks/distributed.py --woodbury [--out benchmarks/results/distributed_woodbury.json]
 
 Launches itself under ``torchrun`` with 1 and 2 processes. In each, on the demo GPT-2 LM
@@ -12,6 +13,15 @@ for the variants below, and records what the preconditioner sent:
 - ``eig/assign``: inverses computed by one rank each and broadcast;
 - ``woodbury/replicate`` (gather mode): column blocks of G gathered;
 - ``woodbury/row_sharded``: each rank holds its rows of U (``woodbury_reduction``).
+- ``eig/owner``, ``woodbury/owner``: statistics reduced to each layer's owner, which alone
+  holds its factors and broadcasts the preconditioned gradient every step;
+- ``eig/replicate/bucket=X``: the dense reduction in buffers of at most X MiB, issued
+  asynchronously (``comm_bucket_mb``).
+
+At 2 ranks it also times the dense reduction alone (``reduce_symmetric`` on the demo's
+factor shapes, float32, interleaved rounds, median) for each bucket cap: "comm_ms".
+"factor memory" is ``memory_usage()["total"]`` per rank after the run (factors, low-rank
+U, eigenbases).
 
 "unpacked" is what full n x n float32 matrices would cost (the same reduction without
 packing). Ratios are K-FAC ms/step over SGD ms/step measured in the same process.
@@ -41,11 +51,39 @@ import torch
 VARIANTS = {
     "eig/replicate": dict(inverse_policy="eig", inverse_workers="replicate"),
     "eig/assign": dict(inverse_policy="eig", inverse_workers="assign"),
+    "eig/owner": dict(inverse_policy="eig", inverse_workers="owner"),
     "woodbury/replicate": dict(inverse_policy="woodbury", inverse_workers="replicate"),
     "woodbury/row_sharded": dict(inverse_policy="woodbury", woodbury_reduction="row_sharded"),
+    "woodbury/owner": dict(inverse_policy="woodbury", inverse_workers="owner"),
 }
 REDUCTIONS = ("gather", "row_sharded")
 PER_STEP = ("low_rank_utv", "low_rank_rows")  # row-sharded: sent at every preconditioning step
+
+
+def time_reduction(pre, caps, rounds=7, reps=5) -> dict[str, float]:
+    """Median ms of one dense reduction of ``pre``'s layers as eig/replicate sends it (A and
+    G float32 sums, float64 counts) per bucket cap in MiB (None: one buffer); caps
+    interleaved in every round."""
+    import torch.distributed as dist
+
+    from kfac_optim.distributed import reduce_symmetric
+
+    tensors = []
+    for layer in pre._layers.values():
+        d, o = layer.capture.in_features, layer.capture.out_features
+        count = torch.tensor(1.0, dtype=torch.float64)
+        tensors += [torch.ones(d) if layer.capture.diagonal_a else torch.eye(d), count,
+                    torch.eye(o), count]
+    times: dict[str, list[float]] = {str(c): [] for c in caps}
+    for _ in range(rounds):
+        for cap in caps:
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                reduce_symmetric(tensors, dist.group.WORLD,
+                                 bucket_bytes=None if cap is None else int(cap * 2**20))
+            times[str(cap)].append((time.perf_counter() - t0) / reps)
+    return {c: 1e3 * statistics.median(t) for c, t in times.items()}
 
 
 def worker(args) -> None:
@@ -86,7 +124,12 @@ def worker(args) -> None:
     sgd_ms, _ = timed(lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
                       args.steps)
     rows = {"sgd": {"ms_per_step": sgd_ms, "ratio_to_sgd": 1.0}}
-    for name, kw in VARIANTS.items():
+    caps = [float(c) for c in args.bucket_mb.split(",") if c]
+    variants = dict(VARIANTS)
+    if world > 1:
+        variants.update({f"eig/replicate/bucket={c:g}": dict(inverse_policy="eig",
+                                                              comm_bucket_mb=c) for c in caps})
+    for name, kw in variants.items():
         ms, opt = timed(lambda m, kw=kw: KFAC(m, lr=0.1, kl_clip=1e-3, factor_update_steps=1,
                                                inv_update_steps=args.inv, **kw), args.steps)
         pre = opt.preconditioner
@@ -95,13 +138,20 @@ def worker(args) -> None:
             layer.capture.in_features ** (1 if layer.capture.diagonal_a else 2)
             + (0 if layer.low_rank else layer.capture.out_features ** 2)
             for layer in pre._layers.values())
+        memory = [None] * world
+        dist.all_gather_object(memory, pre.memory_usage()["total"])
         rows[name] = {
             "ms_per_step": ms, "ratio_to_sgd": ms / sgd_ms,
             "bytes_per_factor_update": {k: v / updates for k, v in pre.comm.bytes.items()},
+            "buffers_per_factor_update": {k: v / updates
+                                          for k, v in pre.comm.calls_by_kind.items()},
             "unpacked_dense_bytes": unpacked if world > 1 else 0,
+            "factor_memory_bytes_per_rank": memory,
         }
+    comm_ms = time_reduction(pre, [None, *caps]) if world > 1 else {}
     if rank == 0:
-        Path(args.part).write_text(json.dumps({"world_size": world, "rows": rows}))
+        Path(args.part).write_text(json.dumps({"world_size": world, "rows": rows,
+                                               "comm_ms": comm_ms}))
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)
@@ -216,6 +266,8 @@ def main() -> None:
     p.add_argument("--head-steps", type=int, default=12, help="steps per run (--woodbury)")
     p.add_argument("--period", type=int, default=4,
                    help="factor and inverse update period (--woodbury)")
+    p.add_argument("--bucket-mb", default="0.25,1",
+                   help="comma-separated bucket caps (MiB) to compare with one buffer")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--woodbury-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--part", help=argparse.SUPPRESS)
@@ -234,7 +286,8 @@ def main() -> None:
         run_woodbury(args, root, env)
         return
     args.out = args.out or "benchmarks/results/distributed.json"
-    results = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "runs": {}}
+    results = {"torch": torch.__version__, "cpu_count": os.cpu_count(),
+               "load_average_before": os.getloadavg(), "runs": {}}
     for world in (1, 2):
         part = Path(args.out).with_suffix(f".part{world}.json")
         part.parent.mkdir(parents=True, exist_ok=True)
@@ -242,19 +295,25 @@ def main() -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={world}", __file__, "--worker", "--part", str(part),
                "--steps", str(args.steps), "--inv", str(args.inv), "--batch", str(args.batch),
-               "--seq", str(args.seq)]
+               "--seq", str(args.seq), "--bucket-mb", args.bucket_mb]
         subprocess.run(cmd, env=env, check=True, cwd=root, capture_output=True)
         results["runs"][world] = json.loads(part.read_text())
         part.unlink()
+    results["load_average_after"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(results, indent=1))
-    print(f"{'ranks':>5} {'variant':<20} {'ms/step':>9} {'x SGD':>6} {'dense B/upd':>12} "
-          f"{'unpacked B':>11} {'gather B/upd':>13} {'inv bcast B/upd':>16}")
+    print(f"{'ranks':>5} {'variant':<26} {'ms/step':>8} {'x SGD':>6} {'dense B/upd':>12} "
+          f"{'unpacked B':>11} {'gather B/upd':>13} {'inv bcast B/upd':>16} "
+          f"{'grad bcast B/step':>18} {'factor MiB/rank':>16}")
     for world, run in results["runs"].items():
         for name, row in run["rows"].items():
             b = row.get("bytes_per_factor_update", {})
-            print(f"{world:>5} {name:<20} {row['ms_per_step']:>9.1f} {row['ratio_to_sgd']:>6.2f} "
+            mem = "/".join(f"{m / 2**20:.1f}" for m in row.get("factor_memory_bytes_per_rank", []))
+            print(f"{world:>5} {name:<26} {row['ms_per_step']:>8.1f} {row['ratio_to_sgd']:>6.2f} "
                   f"{b.get('dense', 0):>12.0f} {row.get('unpacked_dense_bytes', 0):>11.0f} "
-                  f"{b.get('low_rank_gather', 0):>13.0f} {b.get('inverse_broadcast', 0):>16.0f}")
+                  f"{b.get('low_rank_gather', 0):>13.0f} {b.get('inverse_broadcast', 0):>16.0f} "
+                  f"{b.get('grad_broadcast', 0):>18.0f} {mem:>16}")
+        for cap, ms in run.get("comm_ms", {}).items():
+            print(f"{world:>5} dense reduction alone, bucket cap {cap} MiB: {ms:.2f} ms")
     print(f"wrote {args.out}")
 
 

@@ -13,14 +13,23 @@ The byte model is the one ``kfac_optim`` implements (``kfac_optim/distributed.py
   all-reduce of U^T V (k x d) and an all-gather of this rank's ceil(o/R) x d rows of the update;
 - ``inverse_workers="assign"``: each rank broadcasts the eigenbases it computed
   (d^2 + d + o^2 + o values per dense layer), every rank receives all of them.
+- ``inverse_workers="owner"``: the same packed buffers, each summed onto the layer's owner
+  (``dist.reduce``), a Woodbury G's blocks gathered to the owner only; and at *every step*
+  each owner broadcasts its layers' preconditioned gradients (o x d values per layer).
 
 "buffer" is the size of the tensor handed to the collective (what ``pre.comm`` records);
 "sent" is what one rank puts on the wire with ring algorithms: all-reduce 2 (R-1)/R x
 buffer, all-gather (R-1) x its block, broadcast (R-1)/R x buffer on average, all_to_all what
-it records. Memory per rank: running factors + eigenbases (eig: 2 (d^2 + o^2) floats) or
-U (o x k) + k x k Gram (Woodbury gather, replicated on every rank) or ceil(o/R) x k rows of
-U + the k x k Gram (row-sharded). k = the columns of one factor update, T_r R (an EMA over
-several updates stacks more, up to ``woodbury_max_rank``).
+it records; for owner mode reduce (R-1)/R x buffer (the reduce-scatter half of an all-reduce;
+the chunks sent on to the owner, (R-1)/R^2 x buffer, neglected) and gather-to-owner (R-1)/R
+x its block on average. Memory per rank: running factors + eigenbases (eig: 2 (d^2 + o^2)
+floats) or U (o x k) + k x k Gram (Woodbury gather, replicated on every rank in replicate /
+assign mode) or ceil(o/R) x k rows of U + the k x k Gram (row-sharded). k = the columns of
+one factor update, T_r R (an EMA over several updates stacks more, up to
+``woodbury_max_rank``). In owner mode each rank holds the layers ``assign_greedy`` gives it
+(by inverse cost, as ``KFACPreconditioner`` does), and the table shows the most loaded rank.
+"DDP MiB/step" is what DDP's own gradient all-reduce of the preconditioned layers sends per
+step, for scale.
 
 Validation: the same formulas applied to the demo LM at 2 ranks are compared with the buffer
 bytes ``pre.comm`` records on rank 0 of a real 2-process run (``--validate``, ~2 minutes).
@@ -35,6 +44,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kfac_optim.distributed import assign_greedy  # noqa: E402
 
 F32 = 4
 
@@ -87,46 +99,66 @@ def row_sharded_bytes(o: int, d: int, ranks: int, tokens_per_rank: int, k: int) 
 
 
 def per_rank(layers, ranks: int, tokens_per_rank: int, woodbury_min_out: int | None,
-             assign: bool, max_rank: int = 8192, row_sharded: bool = False) -> dict:
-    """Bytes for one factor update, one inverse update and one step (and memory) per rank.
-    Woodbury for o >= woodbury_min_out while the T_global columns of one update fit under
-    ``max_rank`` (``woodbury_max_rank``: past it the layer falls back to a dense G, as the
-    preconditioner does); ``row_sharded``: ``woodbury_reduction="row_sharded"``."""
-    dense_buf = gather_block = inv_bcast = memory = 0
+             mode: str = "replicate", max_rank: int = 8192, row_sharded: bool = False) -> dict:
+    """Bytes for one factor update, one inverse update and one step (and memory) per rank;
+    ``mode`` is ``inverse_workers``. Woodbury for o >= woodbury_min_out while the T_global
+    columns of one update fit under ``max_rank`` (``woodbury_max_rank``: past it the layer
+    falls back to a dense G, as the preconditioner does); ``row_sharded``:
+    ``woodbury_reduction="row_sharded"``. Owner mode adds ``grad_broadcast`` bytes at every
+    step."""
+    dense_buf = gather_block = inv_bcast = grad_bcast = 0
     shard = dict.fromkeys(("low_rank_exchange", "low_rank_gram", "low_rank_utv",
                            "low_rank_rows"), 0)
     t_global = tokens_per_rank * ranks
     woodbury_layers = 0
+    memory, costs = {}, {}
     for layer in layers:
         low = (woodbury_min_out is not None and layer.o >= woodbury_min_out
                and t_global <= max_rank)
         woodbury_layers += layer.count * low
         dense_buf += layer.count * (tri(layer.d) + (0 if low else tri(layer.o))) * F32
-        memory += layer.count * 2 * layer.d**2 * F32  # A and its eigenbasis
+        mem = 2 * layer.d**2 * F32  # A and its eigenbasis
         if low and row_sharded and ranks > 1:
             for kind, v in row_sharded_bytes(layer.o, layer.d, ranks, tokens_per_rank,
                                              t_global).items():
                 shard[kind] += layer.count * v
-            memory += layer.count * (ceil_div(layer.o, ranks) * t_global + t_global**2) * F32
+            mem += (ceil_div(layer.o, ranks) * t_global + t_global**2) * F32
         elif low:
             gather_block += layer.count * layer.o * tokens_per_rank * F32
-            memory += layer.count * (layer.o * t_global + t_global**2) * F32
+            mem += (layer.o * t_global + t_global**2) * F32
         else:
-            memory += layer.count * 2 * layer.o**2 * F32
+            mem += 2 * layer.o**2 * F32
             inv_bcast += layer.count * (layer.d**2 + layer.d + layer.o**2 + layer.o) * F32
+        grad_bcast += layer.count * layer.o * layer.d * F32
+        k = min(layer.o, max_rank) if low else layer.o
+        for i in range(layer.count):
+            memory[f"{layer.name}.{i}"] = mem
+            costs[f"{layer.name}.{i}"] = layer.d**3 + layer.o * k * k
     r = ranks
-    sent = 2 * (r - 1) / r * dense_buf + (r - 1) * gather_block + shard["low_rank_exchange"]
-    if assign:
-        sent += (r - 1) / r * inv_bcast
+    if mode == "owner":
+        load = [0] * r
+        for name, owner in assign_greedy(costs, r).items():
+            load[owner] += memory[name]
+        factor_memory = max(load)
+        sent = (r - 1) / r * dense_buf + (r - 1) / r * gather_block
+    else:
+        factor_memory = sum(memory.values())
+        sent = 2 * (r - 1) / r * dense_buf + (r - 1) * gather_block
+        if mode == "assign":
+            sent += (r - 1) / r * inv_bcast
+    sent += shard["low_rank_exchange"]
+    step_sent = (r - 1) / r * grad_bcast if mode == "owner" else 0
+    step_sent += 2 * (r - 1) / r * shard["low_rank_utv"] + (r - 1) * shard["low_rank_rows"]
     return {"woodbury_layers": woodbury_layers,
             "dense_buffer_bytes": dense_buf, "gather_block_bytes": gather_block,
-            "inverse_broadcast_bytes": inv_bcast if assign else 0,
+            "inverse_broadcast_bytes": inv_bcast if mode == "assign" else 0,
+            "grad_broadcast_bytes_per_step": grad_bcast if mode == "owner" else 0,
             "row_sharded_buffer_bytes": shard,
             "sent_bytes_per_update": sent,
             "sent_bytes_per_inverse_update": 2 * (r - 1) / r * shard["low_rank_gram"],
-            "sent_bytes_per_step": 2 * (r - 1) / r * shard["low_rank_utv"]
-            + (r - 1) * shard["low_rank_rows"],
-            "factor_memory_bytes": memory}
+            "sent_bytes_per_step_every_step": step_sent,
+            "ddp_grad_allreduce_sent_bytes_per_step": 2 * (r - 1) / r * grad_bcast,
+            "factor_memory_bytes": factor_memory}
 
 
 def demo_layers():
@@ -157,7 +189,7 @@ def validate() -> dict:
                PYTHONPATH=str(root), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(root / "benchmarks" / "distributed.py"), "--worker", "--part", str(out),
-           "--steps", "2", "--inv", "10", "--batch", "16", "--seq", "64"]
+           "--steps", "2", "--inv", "10", "--batch", "16", "--seq", "64", "--bucket-mb", ""]
     subprocess.run(cmd, env=env, check=True, cwd=root, capture_output=True)
     measured = json.loads(out.read_text())["rows"]
     out.unlink()
@@ -176,11 +208,15 @@ def validate() -> dict:
         if la.name not in positional:
             for kind, v in row_sharded_bytes(la.o, la.d, 2, tokens, 2 * tokens).items():
                 row_sharded[kind] += v * per_update[kind]
+    woodbury = {"dense": woodbury_dense,
+                "low_rank_gather": sum(la.o for la in layers if la.name not in positional)
+                * tokens * F32}
+    # every step, each preconditioned (o, d) gradient (positional tables are not)
+    grads = sum(la.o * la.d for la in layers if la.name not in positional) * F32
     model = {"eig/replicate": {"dense": dense},
-             "woodbury/replicate": {
-                 "dense": woodbury_dense,
-                 "low_rank_gather": sum(la.o for la in layers if la.name not in positional)
-                 * tokens * F32},
+             "eig/owner": {"dense": dense, "grad_broadcast": grads},
+             "woodbury/replicate": woodbury,
+             "woodbury/owner": dict(woodbury, grad_broadcast=grads),
              "woodbury/row_sharded": row_sharded}
     report = {}
     for name, expected in model.items():
@@ -199,23 +235,23 @@ def main() -> None:
     args = p.parse_args()
     results = {"tokens_per_rank": args.tokens_per_rank, "rows": []}
     print(f"{'model':<22} {'ranks':>5} {'policy':<18} {'woodbury':>8} {'memory GiB':>10} "
-          f"{'sent MiB/update':>16} {'sent MiB/step':>14} {'dense buf MiB':>14} "
-          f"{'gather blk MiB':>15}")
+          f"{'sent MiB/update':>16} {'+ MiB every step':>16} {'DDP MiB/step':>13} "
+          f"{'dense buf MiB':>14} {'gather blk MiB':>15}")
     for model, layers in MODELS.items():
         for ranks in (1, 8, 64, 1024):
-            for policy, wmin, assign, rows in (
-                    ("eig/replicate", None, False, False),
-                    ("eig/assign", None, True, False),
-                    ("hybrid/replicate", args.woodbury_min_out, False, False),
-                    ("hybrid/row_sharded", args.woodbury_min_out, False, True)):
-                row = per_rank(layers, ranks, args.tokens_per_rank, wmin, assign,
-                               row_sharded=rows)
+            for policy in ("eig/replicate", "eig/assign", "eig/owner", "hybrid/replicate",
+                           "hybrid/row_sharded"):
+                wmin = args.woodbury_min_out if policy.startswith("hybrid") else None
+                workers = "replicate" if policy.endswith("row_sharded") else policy.split("/")[1]
+                row = per_rank(layers, ranks, args.tokens_per_rank, wmin, workers,
+                               row_sharded=policy.endswith("row_sharded"))
                 row.update(model=model, ranks=ranks, policy=policy)
                 results["rows"].append(row)
                 print(f"{model:<22} {ranks:>5} {policy:<18} {row['woodbury_layers']:>8} "
                       f"{row['factor_memory_bytes'] / 2**30:>10.1f} "
                       f"{row['sent_bytes_per_update'] / 2**20:>16.0f} "
-                      f"{row['sent_bytes_per_step'] / 2**20:>14.0f} "
+                      f"{row['sent_bytes_per_step_every_step'] / 2**20:>16.0f} "
+                      f"{row['ddp_grad_allreduce_sent_bytes_per_step'] / 2**20:>13.0f} "
                       f"{row['dense_buffer_bytes'] / 2**20:>14.0f} "
                       f"{row['gather_block_bytes'] / 2**20:>15.0f}")
     if args.validate:

@@ -19,7 +19,7 @@ INVERSE_POLICIES = ("eig", "woodbury", "auto", "hybrid")
 LOSS_REDUCTIONS = ("mean", "sum")
 FACTOR_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
 INV_DTYPES = (None, torch.float32, torch.float64)
-INVERSE_WORKERS = ("replicate", "assign")
+INVERSE_WORKERS = ("replicate", "assign", "owner")
 WOODBURY_REDUCTIONS = ("gather", "row_sharded")
 STORE_DEVICES = ("auto", "cpu", "compute")
 
@@ -97,6 +97,7 @@ class KFACOptions:
     # off in benchmarks/README.md, "Woodbury across ranks"
     woodbury_reduction: str = "gather"
     comm_dtype: torch.dtype | None = None
+    comm_bucket_mb: float | None = None
     grad_scaler: Any = None
 
     def __post_init__(self) -> None:
@@ -135,12 +136,25 @@ class KFACOptions:
         _check_choice("comm_dtype", self.comm_dtype, FACTOR_DTYPES)
         _check_choice("inverse_workers", self.inverse_workers, INVERSE_WORKERS)
         _check_choice("woodbury_reduction", self.woodbury_reduction, WOODBURY_REDUCTIONS)
+        if self.woodbury_reduction == "row_sharded" and self.inverse_workers == "owner":
+            raise ValueError("woodbury_reduction='row_sharded' spreads a low-rank G's rows over "
+                             "all ranks, inverse_workers='owner' keeps each layer on one rank: "
+                             "choose one (accepted with row_sharded: 'replicate', 'assign')")
+        if self.comm_bucket_mb is not None and (not _is_real(self.comm_bucket_mb)
+                                                or self.comm_bucket_mb <= 0):
+            raise ValueError("comm_bucket_mb must be None (one buffer per destination) or a "
+                             f"real number of MiB > 0, got {self.comm_bucket_mb!r}")
         if not isinstance(self.eigenvalue_correction, bool):
             raise TypeError("eigenvalue_correction must be a bool, got "
                             f"{self.eigenvalue_correction!r}")
         if self.eigenvalue_correction and self.damping_mode != "exact":
             raise ValueError("eigenvalue_correction=True (EKFAC) needs damping_mode='exact' "
                              f"(got damping_mode={self.damping_mode!r})")
+        if self.eigenvalue_correction and self.inverse_workers == "owner":
+            raise ValueError(
+                "eigenvalue_correction=True (EKFAC) is not supported with inverse_workers="
+                "'owner': its per-row statistics live on every rank and the eigenbasis on the "
+                "layer's owner only; use inverse_workers='replicate' or 'assign'")
         if self.grad_scaler is not None and not hasattr(self.grad_scaler, "get_scale"):
             raise TypeError("grad_scaler must be a torch.amp.GradScaler (or None), got "
                             f"{type(self.grad_scaler).__name__}")
@@ -177,6 +191,11 @@ class KFACOptions:
                 raise TypeError("skip_layers entries must be module-name regexes (str) or "
                                 f"nn.Module subclasses, got {item!r}")
         return items
+
+    @property
+    def comm_bucket_bytes(self) -> int | None:
+        """``comm_bucket_mb`` in bytes (None: no cap)."""
+        return None if self.comm_bucket_mb is None else max(1, int(self.comm_bucket_mb * 2**20))
 
     def uses_low_rank_g(self, out_features: int) -> bool:
         """Whether a layer starts with a low-rank (Woodbury) G under ``inverse_policy``."""

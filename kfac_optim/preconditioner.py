@@ -22,11 +22,15 @@ from .distributed import (
     CommStats,
     all_gather_columns,
     all_gather_rows,
+    all_reduce_counts,
     all_reduce_sum,
     all_reduce_symmetric,
     assign_greedy,
+    broadcast_from_owners,
     broadcast_tensors,
     exchange_to_rows,
+    group_rank,
+    reduce_symmetric,
     resolve_group,
     row_range,
     world_size,
@@ -163,6 +167,13 @@ def _nbytes(t: Any) -> int:
     return t.numel() * t.element_size() if isinstance(t, Tensor) else 0
 
 
+def _inverse_cost(layer: _Layer, k: int) -> float:
+    """Work of one inverse update with G's rank ``k``: O(d^3 + o k^2) (k = o: dense eig;
+    a diagonal A costs nothing): what ``assign_greedy`` balances."""
+    d, o = layer.capture.in_features, layer.capture.out_features
+    return (0 if layer.capture.diagonal_a else d**3) + o * k * k
+
+
 def _condition(s: Tensor, rest: float = 0.0, dim: int | None = None) -> float:
     """max / min eigenvalue, the complement of a thin basis counting as ``rest``."""
     if s.numel() == 0:
@@ -271,8 +282,20 @@ class KFACPreconditioner:
         inverse_workers: with several ranks, ``"replicate"`` (every rank computes every
             inverse: no communication) or ``"assign"`` (each layer's inverse computed by one
             rank, greedy by cost, then broadcast: 1/R of the compute for the bytes of the
-            eigenbases; KAISA's trade-off, Pauloski et al. 2021). Row-sharded low-rank layers
-            (``woodbury_reduction``) are computed by every rank whatever this says.
+            eigenbases; KAISA's trade-off, Pauloski et al. 2021), or ``"owner"`` (memory
+            saving, KAISA's MEM-OPT, grad_worker_fraction = 1/R): each layer has one owner
+            rank (greedy by inverse cost, fixed at construction, ``layer_owners``); factor
+            statistics are summed onto the owner only (``dist.reduce``; a low-rank G's
+            columns gathered to it), only the owner keeps the layer's running factors and
+            inverse and preconditions its gradient, and the preconditioned gradient is
+            broadcast from the owner at every step (the KL clip is computed from the
+            broadcast results, so every rank gets the same scale). Each rank then holds
+            about 1/R of the factors, for a broadcast of every preconditioned gradient per
+            step. Works under DDP and FSDP2 (each rank keeps its rows of the broadcast
+            gradient); not with ``eigenvalue_correction``. ``state_dict()`` then holds only
+            this rank's layers: save and load one state per rank, same number of ranks.
+            Row-sharded low-rank layers (``woodbury_reduction``) are computed by every rank
+            under ``"assign"``; ``"owner"`` and ``"row_sharded"`` exclude each other.
         woodbury_reduction: how a low-rank G is reduced with several ranks (ignored with
             one): ``"gather"`` (default: every rank all-gathers the column blocks and holds
             the whole U (o, k); traffic only at factor updates, (R-1) o T_r values per rank)
@@ -292,6 +315,12 @@ class KFACPreconditioner:
             write one optimizer file from the main process, which a row-sharded state
             cannot resume from (the load raises), and it sends at every step. Use
             ``"row_sharded"`` for a large head with checkpoints saved per rank.
+        comm_dtype: wire dtype of the factor sums (None: the factor dtype; counts are
+            always float64).
+        comm_bucket_mb: cap in MiB on one communication buffer (None, the default: one
+            buffer per destination, measured fastest on gloo CPU, benchmarks/README.md).
+            Buffers are issued asynchronously and unpacked in order, so packing /
+            unpacking overlap with later transfers (``kfac_optim.distributed``).
         inv_device: eigensolver device: ``"auto"`` (the layer's), ``"cpu"`` or a CUDA
             device; results come back to the layer's device.
         eigenvalue_correction: EKFAC (George et al. 2018): running second moments of the
@@ -331,6 +360,7 @@ class KFACPreconditioner:
             import torch.distributed as dist
 
             self._shard = (dist.get_rank(self._group), world_size(self._group))
+        self._rank = group_rank(self._group)
         self.comm = CommStats()
         self.steps = 0
         self.capture_enabled = True
@@ -348,6 +378,7 @@ class KFACPreconditioner:
                 rows = (None if self._shard is None
                         else row_range(capture.out_features, *self._shard))
                 self._layers[name] = _Layer(capture, opts, rows)
+        self._owners = self._assign_owners()
         for layer in self._layers.values():
             self._handles.append(layer.capture.module.register_forward_hook(
                 partial(self._forward_hook, layer)))
@@ -392,6 +423,32 @@ class KFACPreconditioner:
     def layer_names(self) -> list[str]:
         """Qualified names of the preconditioned modules."""
         return list(self._layers)
+
+    @property
+    def layer_owners(self) -> dict[str, int] | None:
+        """``inverse_workers="owner"`` with several ranks: the group rank owning each layer
+        (the same on every rank); otherwise None (every rank holds every layer)."""
+        return None if self._owners is None else dict(self._owners)
+
+    def _assign_owners(self) -> dict[str, int] | None:
+        """Owner of each layer, greedy by the expected inverse cost (``_inverse_cost``
+        with a low-rank G at its column limit, the most it costs before turning dense)."""
+        if self.options.inverse_workers != "owner" or self._group is None:
+            return None
+        costs = {}
+        for name, layer in self._layers.items():
+            o = layer.capture.out_features
+            k = min(o, self.options.max_low_rank(o)) if layer.low_rank else o
+            costs[name] = _inverse_cost(layer, k)
+        return assign_greedy(costs, world_size(self._group))
+
+    def _owner(self, layer: _Layer) -> int | None:
+        """The layer's owner rank in owner mode, else None (replicated)."""
+        return None if self._owners is None else self._owners[layer.capture.name]
+
+    def _owns(self, layer: _Layer) -> bool:
+        """Whether this rank keeps the layer's factors and inverse."""
+        return self._owners is None or self._owners[layer.capture.name] == self._rank
 
     def remove(self) -> None:
         """Remove every hook; the model is left as before construction."""
@@ -582,11 +639,12 @@ class KFACPreconditioner:
         """Sum every layer's pending statistics over ranks (DESIGN.md, "Distributed").
 
         Every rank contributes every layer, zeros where it saw no rows, so the collective
-        calls match; dense sums and counts travel in one packed bucket, low-rank G blocks
+        calls match; dense sums and counts travel in packed buckets, low-rank G blocks
         are gathered (or, row-sharded, exchanged into this rank's rows of every block). A
-        layer no rank saw is left with nothing pending.
+        layer no rank saw is left with nothing pending. In owner mode the sums and blocks
+        go to the layer's owner only; the other ranks drop them.
         """
-        dense, low_rank = [], []
+        dense, low_rank, dsts = [], [], []
         for layer in self._layers.values():
             cap = layer.capture
             dtype, dev = self._acc_dtype(cap), cap.weight.device
@@ -596,27 +654,36 @@ class KFACPreconditioner:
                 layer.a.add_sum(torch.zeros(shape, dtype=dtype, device=dev), 0.0)
             if not layer.g.pending:
                 layer.g.add(torch.zeros(0, o, dtype=dtype, device=dev), 0.0)
-            dense += [layer.a.pending_sum, layer.a.pending_count, layer.g.pending_count]
+            sums = [layer.a.pending_sum, layer.a.pending_count, layer.g.pending_count]
             if layer.low_rank:
                 low_rank.append(layer)
             else:
-                dense.append(layer.g.pending_sum)
-        reduced = iter(all_reduce_symmetric(dense, self._group, comm_dtype=self.options.comm_dtype,
-                                            stats=self.comm))
-        seen = []
-        for layer in self._layers.values():
+                sums.append(layer.g.pending_sum)
+            dense += sums
+            dsts += [self._owner(layer)] * len(sums)
+        reduced = iter(reduce_symmetric(
+            dense, self._group, dst=None if self._owners is None else dsts,
+            comm_dtype=self.options.comm_dtype, bucket_bytes=self.options.comm_bucket_bytes,
+            stats=self.comm))
+        for layer in self._layers.values():  # None where another rank owns the layer
             layer.a.pending_sum, layer.a.pending_count = next(reduced), next(reduced)
             layer.g.pending_count = next(reduced)
             if not layer.low_rank:
                 layer.g.pending_sum = next(reduced)
-            seen.append(layer.a.pending_count > 0)
         for layer in low_rank:
             block = torch.cat(layer.g.pending_rows).t()
-            reduce = exchange_to_rows if layer.row_sharded else all_gather_columns
-            reduced_block = reduce(block, self._group, comm_dtype=self.options.comm_dtype,
-                                   stats=self.comm)
-            layer.g.pending_rows = [reduced_block.t()]
-        for layer, ok in zip(self._layers.values(), torch.stack(seen).tolist(), strict=True):
+            if layer.row_sharded:
+                reduced_block = exchange_to_rows(block, self._group,
+                                                 comm_dtype=self.options.comm_dtype,
+                                                 stats=self.comm)
+            else:
+                reduced_block = all_gather_columns(block, self._group, dst=self._owner(layer),
+                                                   comm_dtype=self.options.comm_dtype,
+                                                   stats=self.comm)
+            layer.g.pending_rows = [] if reduced_block is None else [reduced_block.t()]
+        kept = [layer for layer in self._layers.values() if self._owns(layer)]
+        seen = [layer.a.pending_count > 0 for layer in kept]
+        for layer, ok in zip(kept, torch.stack(seen).tolist() if seen else [], strict=True):
             if not ok:
                 layer.a.take_batch()
                 layer.g.take_batch()
@@ -697,7 +764,9 @@ class KFACPreconditioner:
             for a, g in rows:
                 batch += eigenbasis_second_moments(a, g, inv["q_a"], inv["q_g"], cap.in_features)
             if self._group is not None:  # counts[name] is already the global N
-                (flat,) = all_reduce_symmetric([batch.reshape(-1)], self._group, stats=self.comm)
+                (flat,) = all_reduce_symmetric([batch.reshape(-1)], self._group,
+                                               bucket_bytes=self.options.comm_bucket_bytes,
+                                               stats=self.comm)
                 batch = flat.reshape(batch.shape)
             batch = batch / counts[name].clamp(min=1)
             if not bool(torch.isfinite(batch).all()):
@@ -710,7 +779,8 @@ class KFACPreconditioner:
     def _update_inverses(self) -> None:
         layers = [layer for layer in self._layers.values()
                   if layer.a.ema is not None and layer.g.updates > 0]
-        if self._group is None or self.options.inverse_workers == "replicate":
+        if self._group is None or self.options.inverse_workers != "assign":
+            # replicate: every rank, every layer; owner: only owned layers have factors here
             results = {layer.capture.name: self._inverse(layer) for layer in layers}
         else:  # a row-sharded layer's inverse needs every rank's rows: not assigned
             results = {layer.capture.name: self._inverse(layer) for layer in layers
@@ -743,11 +813,9 @@ class KFACPreconditioner:
         import torch.distributed as dist
 
         group = self._group
-        costs = {}
-        for layer in layers:
-            d, o = layer.capture.in_features, layer.capture.out_features
-            k = layer.g.rank if layer.low_rank else o
-            costs[layer.capture.name] = (0 if layer.capture.diagonal_a else d**3) + o * k * k
+        costs = {layer.capture.name: _inverse_cost(
+            layer, layer.g.rank if layer.low_rank else layer.capture.out_features)
+            for layer in layers}
         owners = assign_greedy(costs, dist.get_world_size(group))
         rank = dist.get_rank(group)
         mine = {layer.capture.name: self._inverse(layer) for layer in layers
@@ -879,6 +947,9 @@ class KFACPreconditioner:
         return self._precondition_woodbury_factored(layer, grad, damping)
 
     def _precondition(self, lr: float | None, damping: float, kl_clip: float | None) -> None:
+        if self._owners is not None:
+            self._precondition_owned(lr, damping, kl_clip)
+            return
         results = []
         for layer in self._layers.values():
             cap = layer.capture
@@ -886,6 +957,45 @@ class KFACPreconditioner:
                 continue
             grad = cap.grad_matrix()
             results.append((cap, grad, self._precondition_layer(layer, grad, damping)))
+        self._write_clipped(results, lr, kl_clip)
+
+    def _precondition_owned(self, lr: float | None, damping: float,
+                            kl_clip: float | None) -> None:
+        """Owner mode: each layer's owner preconditions its gradient, then broadcasts it.
+
+        One float64 all-reduce of per-layer flags first makes every rank agree on which
+        layers are ready (the owner has an inverse, every rank a gradient) and on the form
+        of each G: a low-rank G that outgrew its column limit turned dense on its owner,
+        and the other ranks follow so that the next reduction sends the same tensors.
+        Every rank gathers the ready layers' full gradients in the same order (FSDP2's
+        gathers are collectives) and computes the KL clip from the broadcast results.
+        """
+        layers = list(self._layers.values())
+        flags = all_reduce_counts(torch.tensor(
+            [[float(self._owns(la) and la.inv is not None), float(la.capture.has_grad()),
+              float(self._owns(la) and not la.low_rank)] for la in layers]),
+            self._group, kind="flags", stats=self.comm)
+        ranks, ready = world_size(self._group), []
+        for layer, (has_inv, grads, dense) in zip(layers, flags.tolist(), strict=True):
+            if dense and layer.low_rank:
+                layer.g = RunningFactor(layer.a.storage_dtype)
+            if has_inv and grads == ranks:
+                ready.append(layer)
+        results = []
+        for layer in ready:
+            grad = layer.capture.grad_matrix()
+            pre = (self._precondition_layer(layer, grad, damping).to(grad.dtype)
+                   if self._owns(layer) else torch.empty_like(grad))
+            results.append((layer.capture, grad, pre))
+        broadcast_from_owners([pre for _, _, pre in results], [self._owner(la) for la in ready],
+                              self._group, bucket_bytes=self.options.comm_bucket_bytes,
+                              stats=self.comm)
+        self._write_clipped(results, lr, kl_clip)
+
+    def _write_clipped(self, results: list[tuple[LayerCapture, Tensor, Tensor]],
+                       lr: float | None, kl_clip: float | None) -> None:
+        """Write the preconditioned gradients ``(capture, V, V_pre)`` back, scaled by the
+        KL clip ``nu = min(1, sqrt(kl_clip / (lr^2 sum_layers <V_pre, V>)))``."""
         if not results:
             return
         scale = None
@@ -909,7 +1019,7 @@ class KFACPreconditioner:
             "cond_A": d.get("cond_A"), "cond_G": d.get("cond_G"),
             "clipped_A": d.get("clipped_A", 0), "clipped_G": d.get("clipped_G", 0),
             "dropped_G": d.get("dropped_G"), "factor_updates": layer.a.updates,
-            "nonfinite_skips": layer.nonfinite_skips,
+            "nonfinite_skips": layer.nonfinite_skips, "owner": self._owner(layer),
         }
 
     def describe(self) -> list[dict[str, Any]]:
@@ -921,7 +1031,9 @@ class KFACPreconditioner:
         cond_A, cond_G (condition numbers after clipping; inf when singular), clipped_A,
         clipped_G (eigenvalues raised by ``max_condition_number``), dropped_G (trace
         fraction the last ``woodbury_rank`` truncation dropped, None if none), factor_updates,
-        nonfinite_skips. ``pandas.DataFrame(pre.describe())`` makes it a table.
+        nonfinite_skips, owner (the owning rank in owner mode, else None; the factor
+        columns are filled only on the owner).
+        ``pandas.DataFrame(pre.describe())`` makes it a table.
         """
         return [self._describe(layer) for layer in self._layers.values()]
 
@@ -948,22 +1060,38 @@ class KFACPreconditioner:
 
     # State ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Tensors and plain values only: step count, per-layer factors and eigenbases.
+        """Tensors and plain values only, the same keys on every rank.
 
+        ``{"steps", "layers": {name: {"A", "G", "G_low_rank", "inv", "ekfac", "basis",
+        "ekfac_basis", "nonfinite_skips", "positional"}}, "owners"}``: per-layer running
+        factors and eigenbases. ``owners`` is None except in owner mode, where it is
+        ``{"rank": this rank, "layers": {name: owner rank}}`` and the layers this rank
+        does not own have empty entries (``ema`` / ``cols`` / ``inv`` None): each rank
+        saves its own state and loads it back on the same rank of the same world size.
         With ``woodbury_reduction="row_sharded"`` a low-rank G (and its inverse) holds this
-        rank's rows of U only (``G.rows``, ``inv.u_rows``): save one state per rank."""
+        rank's rows of U only (``G.rows``, ``inv.u_rows``): save one state per rank too.
+        """
+        owners = None if self._owners is None else {"rank": self._rank,
+                                                    "layers": dict(self._owners)}
         return {"steps": self.steps,
-                "layers": {name: layer.state_dict() for name, layer in self._layers.items()}}
+                "layers": {name: layer.state_dict() for name, layer in self._layers.items()},
+                "owners": owners}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from ``state_dict()``; tensors move to each layer's weight device.
+
+        In owner mode a replicated state (``owners`` None) may be loaded: each rank keeps
+        the layers it owns.
 
         Raises:
             RuntimeError: the state's layers or factor shapes do not match this model
                 (naming the layer): most likely a checkpoint of another model; or a
                 row-sharded low-rank G saved at another rank or world size, or loaded without
-                ``woodbury_reduction="row_sharded"`` (or a whole U loaded with it).
+                ``woodbury_reduction="row_sharded"`` (or a whole U loaded with it); or an
+                owner-mode state loaded on another rank, with another assignment, or
+                without ``inverse_workers="owner"``.
         """
+        self._check_owners(state.get("owners"))
         saved = state["layers"]
         if set(saved) != set(self._layers):
             missing = sorted(set(self._layers) - set(saved))
@@ -978,16 +1106,33 @@ class KFACPreconditioner:
             if s["G_low_rank"] != layer.low_rank:
                 layer.g = (layer.new_low_rank() if s["G_low_rank"]
                            else RunningFactor(layer.a.storage_dtype))
-            layer.a.load_state_dict(_to_device(s["A"], dev))
-            layer.g.load_state_dict(_to_device(s["G"], dev))
-            layer.inv = None if s["inv"] is None else _to_device(s["inv"], dev)
             layer.solver = None
             layer.basis, layer.ekfac_basis = int(s["basis"]), int(s["ekfac_basis"])
+            if self._owns(layer):
+                layer.a.load_state_dict(_to_device(s["A"], dev))
+                layer.g.load_state_dict(_to_device(s["G"], dev))
+                layer.inv = None if s["inv"] is None else _to_device(s["inv"], dev)
             if layer.ekfac is not None and s["ekfac"] is not None:
                 layer.ekfac.load_state_dict(_to_device(s["ekfac"], dev))
             layer.nonfinite_skips = int(s.get("nonfinite_skips", 0))
             layer.positional = bool(s.get("positional", False))
         self.steps = int(state["steps"])
+
+    def _check_owners(self, saved: dict | None) -> None:
+        """An owner-mode state holds one rank's layers: it loads only on that rank, with the
+        same assignment, in owner mode."""
+        if saved is None:
+            return
+        if self._owners is None:
+            raise RuntimeError(
+                f"K-FAC state was saved by rank {saved['rank']} in inverse_workers='owner' mode "
+                "and holds only that rank's layers: load it with inverse_workers='owner' on "
+                "the same rank and number of ranks")
+        if saved["rank"] != self._rank or saved["layers"] != self._owners:
+            raise RuntimeError(
+                f"K-FAC owner-mode state of rank {saved['rank']} (owners {saved['layers']}) "
+                f"loaded on rank {self._rank} (owners {self._owners}): load each rank's own "
+                "state with the same number of ranks")
 
     @staticmethod
     def _check_shapes(layer: _Layer, s: dict) -> None:

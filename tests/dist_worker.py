@@ -27,6 +27,13 @@ def model_fn():
     return nn.Sequential(nn.Linear(4, 24), nn.Tanh(), nn.Linear(24, 3)).double()
 
 
+def deep_model_fn():
+    """Three layers: in owner mode one rank owns two (several tensors per buffer)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(),
+                         nn.Linear(24, 3)).double()
+
+
 def data(step):
     g = torch.Generator().manual_seed(100 + step)
     x = torch.randn(4, 5, 4, generator=g, dtype=torch.float64)
@@ -73,8 +80,25 @@ def g_value(layer):
     return u @ u.t()
 
 
-def factor_values(pre):
-    return [t for layer in pre._layers.values() for t in (layer.a.value(), g_value(layer))]
+def factor_pairs(pre, ref):
+    """(distributed, reference) factor pairs of the layers whose factors this rank holds
+    (every layer, except in owner mode: the layers it owns)."""
+    return [(t, r) for name, layer in pre._layers.items() if layer.a.value() is not None
+            for t, r in ((layer.a.value(), ref._layers[name].a.value()),
+                         (g_value(layer), ref._layers[name].g.value()))]
+
+
+def fingerprint(pre):
+    """Sums and sums of squares of every held factor: equal iff (almost surely) bitwise."""
+    return [[float(t.double().sum()), float(t.double().square().sum())]
+            for _, layer in sorted(pre._layers.items()) if layer.a.value() is not None
+            for t in (layer.a.value(), g_value(layer))]
+
+
+def across_ranks(values, op):
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
 
 
 def full(t):
@@ -111,13 +135,14 @@ def whole(wrapped, model, grads=True):
         return [(p.grad if grads else p.detach()).clone() for p in model.parameters()]
 
 
-def compare_preconditioner(rank, steps=3, wrap="ddp", **kw):
+def compare_preconditioner(rank, steps=3, wrap="ddp", build=model_fn, **kw):
     """wrap: "ddp", "fsdp" (K-FAC built after fully_shard), "fsdp-before" (before) or
     "fsdp1" (FullyShardedDataParallel, use_orig_params=True)."""
-    model = model_fn()
+    model = build()
     ref_model = copy.deepcopy(model)
     common = dict(factor_update_steps=1, inv_update_steps=1, kl_clip=None, damping=1e-2,
-                  factor_decay=0.5, **kw)
+                  factor_decay=0.5)
+    common.update(kw)
     if wrap == "ddp":
         ddp = DDP(model)
         pre = KFACPreconditioner(ddp, **common)
@@ -140,18 +165,34 @@ def compare_preconditioner(rank, steps=3, wrap="ddp", **kw):
         averaged = whole(ddp, model)
         pre.step()
         reference_step(ref_model, ref, x, y, mask, averaged)
-        worst["factors"] = max(worst["factors"], max_diff(factor_values(pre),
-                                                          factor_values(ref)))
+        pairs = factor_pairs(pre, ref)
+        worst["factors"] = max(worst["factors"], max_diff(*zip(*pairs, strict=True)))
         worst["grads"] = max(worst["grads"], max_diff(
             whole(ddp, model), [p.grad for p in ref_model.parameters()]))
+    worst["factors"], worst["grads"] = across_ranks([worst["factors"], worst["grads"]],
+                                                    dist.ReduceOp.MAX)
+    # layers whose factors some rank holds, summed over ranks: 2 x ranks replicated, 2 owned
+    (worst["held"],) = across_ranks([len(pairs) / 2], dist.ReduceOp.SUM)
+    # low-rank Gs over ranks: every rank must agree on each G's form
+    (worst["low_rank"],) = across_ranks([sum(la.low_rank for la in pre._layers.values())],
+                                        dist.ReduceOp.SUM)
     worst["bytes"] = dict(pre.comm.bytes)
     worst["u_rows"] = {name: layer.g.cols.shape[0] for name, layer in pre._layers.items()
-                       if layer.low_rank}
+                       if layer.low_rank and layer.g.cols is not None}
     worst["policies"] = [row["policy"] for row in pre.describe()]
+    worst["calls"] = dict(pre.comm.calls_by_kind)
+    worst["fingerprint"] = fingerprint(pre)
+    if pre.layer_owners is not None:
+        usage = pre.memory_usage()["layers"]
+        mine = [usage[n]["total"] for n, r in pre.layer_owners.items() if r == rank]
+        others = [usage[n]["total"] for n, r in pre.layer_owners.items() if r != rank]
+        worst["owned_min_bytes"] = across_ranks([min(mine)], dist.ReduceOp.MIN)[0]
+        worst["unowned_max_bytes"] = across_ranks([max(others)], dist.ReduceOp.MAX)[0]
     return worst
 
 
 def resume(rank, path, **extra):
+    """Train 4 steps, and 2 + save / load (one file per rank) + 2: the same parameters."""
     kw = {**dict(lr=0.05, damping=1e-2, factor_update_steps=1, inv_update_steps=2,
                  inverse_policy="auto", factor_decay=0.7), **extra}
 
@@ -173,8 +214,9 @@ def resume(rank, path, **extra):
     run(d2, o2, range(2))
     state = o2.state_dict()
     layer = state["kfac"]["layers"]["0"]
-    keys = (sorted(state["kfac"]["layers"]) + sorted(layer) + sorted(layer["G"])
-            + sorted(layer["inv"] or {}))
+    keys = sorted(state["kfac"]["layers"]) + sorted(layer) + sorted(layer["G"])
+    if extra.get("inverse_workers") != "owner":  # owner mode: inv None on the other rank
+        keys += sorted(layer["inv"] or {})
     all_keys = [None, None]
     dist.all_gather_object(all_keys, keys)
     torch.save({"model": m2.state_dict(), "opt": state}, f"{path}.rank{rank}.pt")
@@ -185,19 +227,61 @@ def resume(rank, path, **extra):
     o3 = KFAC(d3, **kw)
     o3.load_state_dict(ckpt["opt"])
     run(d3, o3, range(2, 4))
-    return {"same_keys_on_ranks": all_keys[0] == all_keys[1], "keys": keys,
-            "g_rows": layer["G"].get("rows"),
-            "max_param_diff": max_diff(list(m1.parameters()), list(m3.parameters()))}
+    out = {"same_keys_on_ranks": all_keys[0] == all_keys[1], "keys": keys,
+           "g_rows": layer["G"].get("rows"),
+           "max_param_diff": max_diff(list(m1.parameters()), list(m3.parameters()))}
+    if extra.get("inverse_workers") == "owner":
+        dist.barrier()  # every rank's file is written
+        other = torch.load(f"{path}.rank{1 - rank}.pt", weights_only=True)["opt"]
+        out["other_rank_refused"] = refuses(KFAC(DDP(model_fn()), **kw), other)
+        out["replicate_refuses"] = refuses(KFAC(DDP(model_fn()), **dict(kw, inverse_workers=
+                                                                         "replicate")), state)
+    return out
 
 
-def fsdp_optimizer_steps(rank):
+def refuses(opt, state):
+    try:
+        opt.load_state_dict(state)
+    except RuntimeError:
+        return True
+    return False
+
+
+def from_replicated_state(rank, path):
+    """A replicated state (the "resume" scenario's files) loaded in owner mode: each rank
+    keeps the layers it owns, and 2 more steps match the replicated run."""
+    kw = dict(lr=0.05, damping=1e-2, factor_update_steps=1, inv_update_steps=2,
+              inverse_policy="auto", factor_decay=0.7)
+    params = []
+    for workers in ("replicate", "owner"):
+        # loaded per run: the optimizer adopts the file's momentum buffers and updates them
+        ckpt = torch.load(f"{path}.rank{rank}.pt", weights_only=True)
+        model = model_fn()
+        model.load_state_dict(ckpt["model"])
+        ddp = DDP(model)
+        opt = KFAC(ddp, inverse_workers=workers, **kw)
+        opt.load_state_dict(ckpt["opt"])
+        for step in (2, 3):
+            x, y, mask = data(step)
+            opt.zero_grad()
+            opt.preconditioner.set_token_mask(local(mask, rank))
+            loss_fn(ddp, local(x, rank), local(y, rank), local(mask, rank)).backward()
+            opt.step()
+        params.append(list(model.parameters()))
+    usage = opt.preconditioner.memory_usage()["layers"]
+    owners = opt.preconditioner.layer_owners
+    return {"max_param_diff": max_diff(*params),
+            "unowned_bytes": sum(usage[n]["total"] for n, r in owners.items() if r != rank)}
+
+
+def fsdp_optimizer_steps(rank, **extra):
     """KFAC as the optimizer of an FSDP2 model: parameters stay sharded and finite, and
     match a single-process KFAC run given the same averaged gradients."""
     model = model_fn()
     ref_model = copy.deepcopy(model)
     kw = dict(lr=0.1, damping=1e-2, factor_update_steps=1, inv_update_steps=2)
     sharded = shard(model)
-    opt = KFAC(sharded, **kw)
+    opt = KFAC(sharded, **kw, **extra)
     ref = KFAC(ref_model, process_group=None, **kw)
     for step in range(3):
         x, y, mask = data(step)
@@ -277,6 +361,23 @@ def main():
             results[f"assign-{policy}-{mode}"] = compare_preconditioner(
                 rank, inverse_policy=policy, damping_mode=mode, inverse_workers="assign",
                 max_condition_number=1e4)
+    for policy in ("eig", "woodbury"):
+        for mode in ("exact", "factored"):
+            results[f"owner-{policy}-{mode}"] = compare_preconditioner(
+                rank, inverse_policy=policy, damping_mode=mode, inverse_workers="owner")
+    # low-rank G turning dense on its owner (auto: past 0.75 o columns); the others follow
+    results["owner-auto"] = compare_preconditioner(rank, inverse_workers="owner",
+                                                   inverse_policy="auto")
+    # a clip that binds: the scale from the broadcast results must be the reference's
+    results["owner-kl-clip"] = compare_preconditioner(rank, inverse_workers="owner",
+                                                      kl_clip=1e-8, lr=1.0)
+    # a cap below one factor's bytes (1e-4 MiB = 104 B): every tensor in its own buffer
+    results["bucketed"] = compare_preconditioner(rank, comm_bucket_mb=1e-4)
+    results["owner-deep"] = compare_preconditioner(rank, build=deep_model_fn,
+                                                   inverse_workers="owner")
+    results["owner-bucketed"] = compare_preconditioner(rank, build=deep_model_fn,
+                                                       inverse_workers="owner",
+                                                       comm_bucket_mb=1e-4)
     results["comm_bfloat16"] = compare_preconditioner(rank, comm_dtype=torch.bfloat16)
     results["resume"] = resume(rank, out)
     rowshard = dict(inverse_policy="woodbury", woodbury_reduction="row_sharded")
@@ -298,9 +399,13 @@ def main():
             rank, steps=4, inverse_policy="woodbury", woodbury_rank=6,
             woodbury_reduction=reduction)
     results["rowshard-resume"] = resume(rank, f"{out}.rowshard", **rowshard)
+    results["resume-owner"] = resume(rank, out + ".owner", inverse_workers="owner")
+    results["owner-from-replicated-state"] = from_replicated_state(rank, out)
     for policy in ("eig", "woodbury"):
         results[f"fsdp-{policy}"] = compare_preconditioner(rank, wrap="fsdp",
                                                            inverse_policy=policy)
+        results[f"owner-fsdp-{policy}"] = compare_preconditioner(
+            rank, wrap="fsdp", inverse_policy=policy, inverse_workers="owner")
     results["fsdp-before-shard"] = compare_preconditioner(rank, wrap="fsdp-before")
     results["fsdp-kfac-steps"] = fsdp_optimizer_steps(rank)
     for policy in ("eig", "woodbury"):
@@ -308,6 +413,7 @@ def main():
                                                             inverse_policy=policy)
     results["fsdp1-kfac-steps"] = fsdp1_optimizer_steps(rank)
     results["fsdp1-refusals"] = fsdp1_refusals(rank)
+    results["owner-fsdp-kfac-steps"] = fsdp_optimizer_steps(rank, inverse_workers="owner")
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f, indent=1)

@@ -31,7 +31,11 @@ def results(tmp_path_factory):
                                       "rowshard-woodbury-exact", "rowshard-woodbury-factored",
                                       "rowshard-assign-hybrid", "rowshard-dense-fallback",
                                       "rowshard-fsdp", "truncate-gather",
-                                      "truncate-row_sharded"])
+                                      "truncate-row_sharded", "owner-eig-exact",
+                                      "owner-eig-factored", "owner-woodbury-exact",
+                                      "owner-woodbury-factored", "owner-kl-clip",
+                                      "owner-fsdp-eig", "owner-fsdp-woodbury", "owner-deep",
+                                      "owner-auto", "bucketed", "owner-bucketed"])
 def test_two_ranks_equal_single_process(results, scenario):
     r = results[scenario]
     assert r["factors"] < 1e-12
@@ -115,3 +119,95 @@ def test_greedy_assignment_balances_cost():
     owners = assign_greedy({"a": 10.0, "b": 6.0, "c": 5.0, "d": 1.0}, 2)
     assert owners == {"a": 0, "b": 1, "c": 1, "d": 0}
     assert assign_greedy({"x": 1.0}, 3) == {"x": 0}
+
+
+OWNER = ["owner-eig-exact", "owner-eig-factored", "owner-woodbury-exact",
+         "owner-woodbury-factored", "owner-auto", "owner-kl-clip", "owner-fsdp-eig",
+         "owner-fsdp-woodbury", "owner-deep", "owner-bucketed"]
+
+
+@pytest.mark.parametrize("scenario", OWNER)
+def test_owner_mode_holds_only_owned_layers(results, scenario):
+    r = results[scenario]
+    layers = 3 if "deep" in scenario or "bucketed" in scenario else 2
+    assert r["held"] == layers  # each layer's factors on exactly one rank (replicated: 2x)
+    assert r["unowned_max_bytes"] == 0  # memory_usage(): nothing for the others' layers
+    assert r["owned_min_bytes"] > 0
+    assert results["eig-exact"]["held"] == 2 * 2
+
+
+def test_owner_mode_bytes(results):
+    # the reduce buffers hold every layer once (summed over owners), as the all-reduce's
+    assert results["owner-eig-exact"]["bytes"]["dense"] == results["eig-exact"]["bytes"]["dense"]
+    # every step each preconditioned (o, d) gradient, float64: (24 x 5 + 3 x 25), 3 steps
+    assert results["owner-eig-exact"]["bytes"]["grad_broadcast"] == 3 * (24 * 5 + 3 * 25) * 8
+    assert results["owner-woodbury-exact"]["bytes"]["low_rank_gather"] > 0
+    assert "grad_broadcast" not in results["eig-exact"]["bytes"]
+
+
+def test_owner_mode_low_rank_g_turns_dense_on_every_rank(results):
+    assert results["owner-woodbury-exact"]["low_rank"] == 2 * 2  # 2 layers, 2 ranks
+    assert results["owner-auto"]["low_rank"] == 0  # past 0.75 o columns: dense everywhere
+
+
+def test_bucketed_communication_same_factors(results):
+    # 104-byte cap: each of the 4 factor sums in its own buffer (3 updates), bitwise the
+    # same factors as one buffer
+    assert results["bucketed"]["calls"]["dense"] == 4 * 3
+    assert results["eig-exact"]["calls"]["dense"] == 3
+    assert results["bucketed"]["fingerprint"] == results["eig-exact"]["fingerprint"]
+    deep, capped = results["owner-deep"], results["owner-bucketed"]
+    assert capped["calls"]["dense"] > deep["calls"]["dense"]
+    assert capped["calls"]["grad_broadcast"] > deep["calls"]["grad_broadcast"]
+    assert capped["fingerprint"] == deep["fingerprint"]
+
+
+def test_owner_mode_resume_two_ranks_exact(results):
+    r = results["resume-owner"]
+    assert r["same_keys_on_ranks"]
+    assert r["max_param_diff"] == 0.0
+    assert r["other_rank_refused"]  # rank 1's state on rank 0 (and back): RuntimeError
+    assert r["replicate_refuses"]  # an owner-mode state in replicate mode: RuntimeError
+    r = results["owner-from-replicated-state"]
+    assert r["max_param_diff"] == 0.0
+    assert r["unowned_bytes"] == 0
+
+
+def test_owner_mode_fsdp2_kfac_optimizer(results):
+    r = results["owner-fsdp-kfac-steps"]
+    assert r["sharded"]
+    assert r["max_param_diff"] < 1e-12
+
+
+def test_bucket_plan():
+    from kfac_optim.distributed import _plan_buckets
+
+    keys = ["a", "b", "a", "a", "b"]
+    sizes = [10, 10, 30, 5, 10]
+    assert _plan_buckets(keys, sizes, None) == [("a", [0, 2, 3]), ("b", [1, 4])]
+    # an item over the cap travels alone; consecutive items share a buffer up to the cap
+    assert _plan_buckets(keys, sizes, 20) == [("a", [0]), ("a", [2]), ("a", [3]),
+                                              ("b", [1, 4])]
+    assert _plan_buckets(keys, sizes, 45) == [("a", [0, 2, 3]), ("b", [1, 4])]
+
+
+def test_owner_mode_without_ranks_is_replicate():
+    import torch
+    from torch import nn
+
+    from kfac_optim import KFACPreconditioner
+
+    grads = []
+    for workers in ("replicate", "owner"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        pre = KFACPreconditioner(model, kl_clip=None, inverse_workers=workers,
+                                 factor_update_steps=1, inv_update_steps=1)
+        x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+        model(x).square().sum().backward()
+        pre.step()
+        assert pre.layer_owners is None
+        assert pre.state_dict()["owners"] is None
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)

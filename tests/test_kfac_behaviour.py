@@ -249,6 +249,11 @@ PRE_ERRORS = [
     (dict(factor_dtype=torch.int32), ValueError, "factor_dtype"),
     (dict(inv_dtype="float64"), ValueError, "inv_dtype"),
     (dict(lr=-1.0), ValueError, "lr"),
+    (dict(inverse_workers="all"), ValueError, "inverse_workers"),
+    (dict(comm_bucket_mb=0), ValueError, "comm_bucket_mb"),
+    (dict(comm_bucket_mb="4"), ValueError, "comm_bucket_mb"),
+    (dict(eigenvalue_correction=True, inverse_workers="owner"), ValueError,
+     "inverse_workers='owner'"),
 ]
 
 
