@@ -1,10 +1,12 @@
-"""A tiny offline byte-level text corpus for the report's default data.
+"""A tiny offline text corpus for the report's default data.
 
 The text is ``pydoc_data.topics`` (the help topics that ship with CPython, about
 465k characters), UTF-8 encoded byte by byte (ids 0..255) with an end-of-document
 id 256 after each topic, in sorted topic order: the corpus and tokenisation of
 ``python -m kfac_optim.demo``, re-implemented here because this package never
-imports ``kfac_optim``. Nothing is downloaded.
+imports ``kfac_optim``. A model saved with its own ``tokenizers`` vocabulary
+(``tokenizer.json``, as ``python -m kfac_optim.demo --vocab bpe`` saves it) gets the
+same text in that vocabulary (:func:`tokenizer_corpus_tokens`). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from torch import Tensor
 
 from ._validation import check_int
 
-__all__ = ["BYTE_VOCAB_SIZE", "EOS_ID", "byte_tokens", "corpus_tokens", "lm_batches"]
+__all__ = ["BYTE_VOCAB_SIZE", "EOS_ID", "byte_tokens", "corpus_tokens", "lm_batches",
+           "tokenizer_corpus_tokens"]
 
 EOS_ID = 256
 BYTE_VOCAB_SIZE = 257
@@ -63,6 +66,35 @@ def corpus_tokens(source: str | Path = "pydoc", *, eos: bool = True) -> Tensor:
     if tokens.numel() == 0:
         raise ValueError(f"the text file {str(path)!r} is empty")
     return tokens
+
+
+def tokenizer_corpus_tokens(tokenizer_file: str | Path, eos_token: str = "<|endoftext|>"
+                            ) -> Tensor:
+    """The pydoc corpus in a ``tokenizers`` vocabulary: every topic (sorted by key) encoded
+    with the tokenizer saved in ``tokenizer_file``, each followed by ``eos_token``'s id.
+
+    Returns:
+        ``(n,)`` int64 token ids.
+
+    Raises:
+        ValueError: the file does not exist, or the vocabulary has no ``eos_token``.
+    """
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer
+
+    path = Path(tokenizer_file)
+    if not path.is_file():
+        raise ValueError(f"tokenizer_file {str(path)!r} does not exist")
+    tokenizer = Tokenizer.from_file(str(path))
+    eos = tokenizer.token_to_id(eos_token)
+    if eos is None:
+        raise ValueError(f"the tokenizer in {str(path)!r} has no {eos_token!r} token")
+    ids: list[int] = []
+    for key in sorted(topics):
+        ids.extend(tokenizer.encode(topics[key]).ids)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.int64)
 
 
 def lm_batches(

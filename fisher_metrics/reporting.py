@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from ._validation import check_choice, check_int, check_positive_float, check_seed
 from .compare import FISHER_CURVATURES, compare_hessian_fisher
-from .data import BYTE_VOCAB_SIZE, corpus_tokens, lm_batches
+from .data import BYTE_VOCAB_SIZE, corpus_tokens, lm_batches, tokenizer_corpus_tokens
 from .eigenvalues import top_eigenvalues
 from .kfac import KFACFisher
 from .lanczos import slq
@@ -86,10 +86,15 @@ MAX_PLOTTED = 400  # eigenvalues drawn per layer in the spectra plot
 def default_data(
     model: nn.Module, *, seq_len: int | None = None, num_sequences: int = 8, batch_size: int = 4
 ) -> list[dict[str, Tensor]]:
-    """The default report data: byte-level windows of ``pydoc_data.topics`` (the demo corpus).
+    """The default report data: windows of ``pydoc_data.topics`` (the demo corpus).
+
+    Byte-level ids, or, for a model loaded from a directory that holds a ``tokenizer.json``
+    (``config._name_or_path``; ``python -m kfac_optim.demo --vocab bpe`` saves one), the
+    same text in that vocabulary.
 
     Args:
-        model: a Hugging Face causal LM whose ``config.vocab_size >= 257``.
+        model: a Hugging Face causal LM whose ``config.vocab_size >= 257``, or one saved
+            with its ``tokenizer.json``.
         seq_len: tokens per window; default ``min(64, config.n_positions)``.
         num_sequences, batch_size: see :func:`fisher_metrics.data.lm_batches`.
 
@@ -97,24 +102,30 @@ def default_data(
         A list of dict batches (``input_ids``, ``attention_mask``, ``labels``).
 
     Raises:
-        ValueError: the model has no ``config.vocab_size`` of at least 257
-            (pass your own ``data`` then).
+        ValueError: the model has no ``config.vocab_size`` of at least 257, or its
+            tokenizer's ids exceed it (pass your own ``data`` then).
     """
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
-    if not isinstance(vocab, int) or vocab < BYTE_VOCAB_SIZE:
+    saved = Path(str(getattr(config, "_name_or_path", "") or "")) / "tokenizer.json"
+    if saved.is_file():
+        tokens = tokenizer_corpus_tokens(saved)
+        if not isinstance(vocab, int) or int(tokens.max()) >= vocab:
+            raise ValueError(f"{saved} gives ids up to {int(tokens.max())}, beyond the model's "
+                             f"vocab_size={vocab!r}: pass data=... for this model")
+    elif not isinstance(vocab, int) or vocab < BYTE_VOCAB_SIZE:
         raise ValueError(
             "data=None uses the byte-level pydoc corpus (ids 0..256), which needs a Hugging Face "
             f"model with config.vocab_size >= {BYTE_VOCAB_SIZE}; got vocab_size={vocab!r}. "
             "Pass data=(inputs, targets), a dict batch with 'labels', or a list of them"
         )
+    else:
+        tokens = corpus_tokens("pydoc")
     positions = getattr(config, "n_positions", None) or getattr(
         config, "max_position_embeddings", 64
     )
     seq_len = min(64, int(positions)) if seq_len is None else check_int("seq_len", seq_len, 2)
-    return lm_batches(
-        corpus_tokens("pydoc"), seq_len=seq_len, num_sequences=num_sequences, batch_size=batch_size
-    )
+    return lm_batches(tokens, seq_len=seq_len, num_sequences=num_sequences, batch_size=batch_size)
 
 
 def _as_kfac(kfac: object, model: nn.Module) -> KFACFisher:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,6 +73,7 @@ class LMData:
         token_bytes: ``(vocab_size,)`` int64, UTF-8 bytes each id stands for (the
             end-of-document id counts 1, like the byte vocabulary's): turns a loss in
             nats per token into bits per byte, comparable across vocabularies.
+        tokenizer: the ``tokenizers.Tokenizer`` of a BPE vocabulary (None for bytes).
     """
 
     train: Tensor
@@ -79,6 +81,7 @@ class LMData:
     vocab_size: int = VOCAB_SIZE
     eos_id: int = EOS_ID
     token_bytes: Tensor | None = None
+    tokenizer: Any = None
 
     def bits_per_byte(self, nats_per_token: float, tokens: Tensor) -> float:
         """``nats_per_token`` (mean over the predicted ids of ``tokens``' rows, i.e. all
@@ -149,7 +152,7 @@ def _load_bpe_data(val_fraction: float, vocab_size: int) -> LMData:
         return torch.tensor(ids, dtype=torch.int64)
 
     return LMData(train=encode(train_text), val=encode(val_text), vocab_size=size,
-                  eos_id=eos, token_bytes=token_bytes)
+                  eos_id=eos, token_bytes=token_bytes, tokenizer=tokenizer)
 
 
 def lm_batches(tokens: Tensor, batch_size: int, seq_len: int, seed: int) -> Iterator[Tensor]:

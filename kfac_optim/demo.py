@@ -249,6 +249,8 @@ def _lm_task(cfg: dict[str, Any]) -> Task:
 
     def save(model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
+        if lm.tokenizer is not None:  # the BPE vocabulary, for fisher_metrics' report data
+            lm.tokenizer.save(str(directory / "tokenizer.json"))
 
     return Task(
         name="lm", config=config,

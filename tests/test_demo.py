@@ -111,6 +111,20 @@ def test_lm_demo_bpe_head_runs_on_truncated_woodbury(tmp_path):
     for run in results["runs"].values():  # BPE ids carry several bytes each
         assert 0 < run["final_val_bpb"] < run["final_val_loss"] / math.log(2)
 
+    # The saved model carries its vocabulary: fisher_metrics' default report data uses it.
+    from transformers import GPT2LMHeadModel
+
+    from fisher_metrics.data import tokenizer_corpus_tokens
+    from fisher_metrics.reporting import default_data
+
+    model = GPT2LMHeadModel.from_pretrained(out / "kfac_model")
+    tokens = tokenizer_corpus_tokens(out / "kfac_model" / "tokenizer.json")
+    assert int(tokens.max()) < 512 and len(tokens) < 0.5 * len(load_text_tokens())
+    batches = default_data(model, num_sequences=2, batch_size=2)
+    window = batches[0]["input_ids"][0]
+    starts = [i for i in range(len(tokens) - 15) if torch.equal(tokens[i:i + 16], window)]
+    assert starts, "default data windows must come from the BPE-encoded corpus"
+
 
 def test_bpe_split_is_deterministic_and_counts_bytes():
     from pydoc_data.topics import topics
