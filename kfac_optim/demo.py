@@ -86,12 +86,16 @@ DEFAULT_HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-# --vocab bpe: K-FAC's settings that differ from the byte vocabulary's. The 8192 x 8192
-# head G gets 2016 new columns per factor update: auto keeps it on Woodbury by truncating
-# the EMA to its top 512 eigenpairs (O(o (r + T)^2 + (r + T)^3) per update: a few
-# seconds on 2 cores, so factors every 10 steps).
-BPE_KFAC_HPARAMS: dict[str, Any] = dict(inverse_policy="auto", woodbury_rank=512,
-                                        factor_update_steps=10, inv_update_steps=10)
+# --vocab bpe: settings that differ from the byte vocabulary's (benchmarks/README.md,
+# "BPE demo"). K-FAC: the 8192 x 8192 head G gets 2016 new columns per factor update;
+# auto keeps it on Woodbury by truncating the EMA to its top 512 eigenpairs
+# (O(o (r + T)^2 + (r + T)^3) per update: seconds on 2 cores, so factors every 10 steps);
+# lr 1.0 beat 0.5. AdamW: best of lr 4e-4, 7e-4, 1e-3, 1.5e-3, 3e-3. SGD: not re-tuned.
+BPE_HPARAMS: dict[str, dict[str, Any]] = {
+    "kfac": dict(inverse_policy="auto", woodbury_rank=512, factor_update_steps=10,
+                 inv_update_steps=10),
+    "adamw": dict(lr=7e-4),
+}
 
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "lm": dict(steps=400, batch_size=32, seq_len=64, n_layer=2, n_embd=128, n_head=4,
@@ -102,7 +106,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def default_hparams(task: str, optimizer: str, vocab: str = "byte") -> dict[str, Any]:
     """A copy of the tuned default hyperparameters of ``optimizer`` on ``task``
-    (for ``vocab="bpe"``, K-FAC's are updated with ``BPE_KFAC_HPARAMS``).
+    (for ``vocab="bpe"``, updated with ``BPE_HPARAMS``).
 
     Raises:
         ValueError: unknown ``task``, ``optimizer`` or ``vocab``.
@@ -114,8 +118,8 @@ def default_hparams(task: str, optimizer: str, vocab: str = "byte") -> dict[str,
     if vocab not in demo_data.VOCABS:
         raise ValueError(f"vocab={vocab!r}; accepted: {demo_data.VOCABS}")
     hp = dict(DEFAULT_HPARAMS[task][optimizer])
-    if vocab == "bpe" and optimizer == "kfac":
-        hp.update(BPE_KFAC_HPARAMS)
+    if vocab == "bpe":
+        hp.update(BPE_HPARAMS.get(optimizer, {}))
     return hp
 
 
