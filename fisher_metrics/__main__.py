@@ -8,7 +8,8 @@
 - an output directory of ``python -m kfac_optim.demo`` (it holds
   ``kfac_model/`` and ``kfac_preconditioner.pt``).
 
-``--data`` is ``pydoc`` (default: the byte-level demo corpus), a UTF-8 text
+``--data`` is ``pydoc`` (default: the demo corpus, byte-level, or in the vocabulary of
+the ``tokenizer.json`` saved with the model, as ``--vocab bpe`` demo runs save it), a UTF-8 text
 file (byte-level ids), or a ``.pt`` file holding a ``(B, S)`` integer tensor of
 token ids. The report (``report.json``, ``report.md``, ``report.html``) goes to
 ``--out``; see :func:`fisher_metrics.reporting.report`.
