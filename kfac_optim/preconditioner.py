@@ -1,23 +1,23 @@
-"""KFACPreconditioner: hooks, update schedule, preconditioning, KL clipping, state.
+"""KFACPreconditioner: update schedule, reduction, inverses, preconditioning, KL clip, state.
 
-Data flows one way (DESIGN.md): module hooks -> per-layer statistics (``layers``,
-``factors``) -> running factors -> eigendecompositions (``inverse``) ->
-preconditioned gradients written back into ``p.grad``.
+Data flows one way (DESIGN.md): module hooks (``capture``) -> per-layer statistics
+(``layers``, ``factors``) -> reduction across ranks (``distributed``) -> running factors ->
+eigendecompositions / Woodbury solves (``inverse``) -> preconditioned gradients written
+back into ``p.grad``. This module orchestrates those stages.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .capture import StatisticsCapture, accumulation_dtype
 from .distributed import (
     CommStats,
     all_gather_columns,
@@ -39,9 +39,6 @@ from .factors import (
     LowRankFactor,
     RunningFactor,
     eigenbasis_second_moments,
-    embedding_input_statistics,
-    input_rows,
-    output_grad_rows,
 )
 from .inverse import (
     clip_condition,
@@ -60,30 +57,6 @@ from .options import KFACOptions, check_kl_clip, check_nonneg
 __all__ = ["KFACPreconditioner"]
 
 log = logging.getLogger("kfac_optim")
-
-IGNORE_INDEX = -100
-
-
-@dataclass
-class _BatchContext:
-    """What one forward call of the whole model tells the layers.
-
-    ``mask``: ``(B, S)`` token validity (1 valid, 0 padding) or None.
-    ``num_loss_rows``: N, the number of loss terms of this forward.
-    ``loss_divisor``: what the summed loss was divided by, when it is not N times
-    ``accumulation_steps`` (Hugging Face ``num_items_in_batch``: the loss is normalised
-    over the whole accumulated batch).
-    ``grad_scale``: a GradScaler's scale when the forward ran (captured g are divided by it).
-    ``counted``: layers that already counted N for this forward (a module applied
-    several times in one forward adds rows to A, but its loss terms only once).
-    """
-
-    mask: Tensor | None = None
-    num_loss_rows: Tensor | float | None = None
-    loss_divisor: Tensor | float | None = None
-    batch_size: int | None = None
-    grad_scale: float = 1.0
-    counted: set = field(default_factory=set)
 
 
 class _Layer:
@@ -189,22 +162,8 @@ def _fmt(row: dict[str, Any]) -> str:
                     for k, v in row.items())
 
 
-def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    """Leading dim of the model's first tensor input (``input_ids`` / ``inputs_embeds``)."""
-    for value in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
-        if isinstance(value, Tensor) and value.dim() >= 1:
-            return value.shape[0]
-    return None
-
-
 def _to_device(state: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in state.items()}
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    # Hugging Face causal LMs shift labels by one inside their loss.
-    name = type(model).__name__
-    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
 
 class KFACPreconditioner:
@@ -364,14 +323,7 @@ class KFACPreconditioner:
         self.comm = CommStats()
         self.steps = 0
         self.capture_enabled = True
-        # Hugging Face Trainer multiplies a num_items_in_batch-normalised loss by the number
-        # of processes when it averages tokens across devices (integrations.transformers).
-        self.loss_divisor_ranks = 1
-        self._ctx: _BatchContext | None = None
-        self._pending_mask: tuple[Tensor | None, Any] | None = None
-        self._pending_scale: float | None = None
         self._layers: dict[str, _Layer] = {}
-        self._handles: list = []
         with self._whole_parameters(with_grads=False):  # FSDP1: shapes of whole weights
             for name, module in self._select_modules():
                 capture = capture_for(name, module)
@@ -379,13 +331,8 @@ class KFACPreconditioner:
                         else row_range(capture.out_features, *self._shard))
                 self._layers[name] = _Layer(capture, opts, rows)
         self._owners = self._assign_owners()
-        for layer in self._layers.values():
-            self._handles.append(layer.capture.module.register_forward_hook(
-                partial(self._forward_hook, layer)))
-        self._handles.append(self.model.register_forward_pre_hook(
-            self._root_pre_hook, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(
-            self._root_post_hook, with_kwargs=True))
+        self._capture = StatisticsCapture(self._layers, opts, lambda: self.capturing)
+        self._handles = self._capture.register(self.model)
         log.info("K-FAC preconditions %d layers: %s", len(self._layers), list(self._layers))
 
     # Registration -------------------------------------------------------------
@@ -462,6 +409,17 @@ class KFACPreconditioner:
         """Whether this step's forward/backward passes feed the factors."""
         return self.capture_enabled and self.steps % self.options.factor_update_steps == 0
 
+    @property
+    def loss_divisor_ranks(self) -> int:
+        """Hugging Face Trainer multiplies a ``num_items_in_batch``-normalised loss by the
+        number of processes when it averages tokens across devices; the captured output
+        gradients are divided back by this (``integrations.transformers`` sets it)."""
+        return self._capture.loss_divisor_ranks
+
+    @loss_divisor_ranks.setter
+    def loss_divisor_ranks(self, ranks: int) -> None:
+        self._capture.loss_divisor_ranks = ranks
+
     def set_token_mask(self, mask: Tensor | None, num_loss_rows: int | Tensor | None = None):
         """Token mask and loss-term count for the next forward call of the model.
 
@@ -474,135 +432,7 @@ class KFACPreconditioner:
         Raises:
             TypeError: ``mask`` is not a tensor.
         """
-        if mask is not None and not isinstance(mask, Tensor):
-            raise TypeError(f"mask must be a torch.Tensor of shape (B, S) or None, got "
-                            f"{type(mask).__name__}")
-        if num_loss_rows is None and mask is not None:
-            num_loss_rows = mask.sum()
-        self._pending_mask = (mask, num_loss_rows)
-
-    def _root_pre_hook(self, module, args, kwargs):
-        if self._pending_mask is not None:
-            mask, rows = self._pending_mask
-            self._pending_mask = None
-        else:
-            mask, rows = kwargs.get("attention_mask"), None
-            labels = kwargs.get("labels")
-            if mask is None and isinstance(labels, Tensor):
-                mask = labels != IGNORE_INDEX
-        self._ctx = _BatchContext(mask=mask, num_loss_rows=rows, grad_scale=self._grad_scale(),
-                                  batch_size=_batch_size(args, kwargs))
-
-    def _grad_scale(self) -> float:
-        """The GradScaler's current scale; drops statistics of an overflowed step.
-
-        ``GradScaler.step`` skips ``step()`` when gradients overflowed, then ``update()``
-        backs the scale off: statistics still pending under another scale are from that
-        skipped step (their g were inf/NaN), and are dropped.
-        """
-        scaler = self.options.grad_scaler
-        if scaler is None or not scaler.is_enabled():
-            return 1.0
-        scale = scaler.get_scale()
-        if self._pending_scale is not None and self._pending_scale != scale:
-            dropped = self._drop_pending()
-            log.info("dropped statistics of %d layers from an overflowed step", dropped)
-        self._pending_scale = scale
-        return scale
-
-    def _drop_pending(self) -> int:
-        dropped = 0
-        for layer in self._layers.values():
-            dropped += int(layer.a.pending)
-            layer.a.take_batch()
-            layer.g.take_batch()
-        return dropped
-
-    def _root_post_hook(self, module, args, kwargs, output):
-        ctx = self._ctx
-        if ctx is None:
-            return
-        items = kwargs.get("num_items_in_batch")
-        if items is not None and self.options.loss_reduction == "mean":
-            ctx.loss_divisor = items / self.loss_divisor_ranks
-        if ctx.num_loss_rows is not None:
-            return
-        labels = kwargs.get("labels")
-        if isinstance(labels, Tensor):
-            if _is_causal_lm(module):
-                labels = labels[..., 1:]
-            ctx.num_loss_rows = (labels != IGNORE_INDEX).sum()
-            return
-        logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
-        if isinstance(logits, Tensor) and logits.dim() >= 1:
-            rows = logits.shape[:-1] if logits.dim() > 1 else torch.Size([1])
-            if ctx.mask is not None and ctx.mask.shape == rows:
-                ctx.num_loss_rows = ctx.mask.sum()
-            else:
-                ctx.num_loss_rows = float(math.prod(rows))
-
-    def _forward_hook(self, layer: _Layer, module, inputs, output):
-        if not (self.capturing and module.training and torch.is_grad_enabled()):
-            return
-        if layer.positional:
-            return
-        if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
-            return
-        ctx = self._ctx
-        if (layer.capture.diagonal_a and ctx is not None and (ctx.batch_size or 1) > 1
-                and inputs[0].dim() > 1 and inputs[0].shape[0] == 1):
-            # ids shared by the whole batch (a positional table, broadcast over it): its
-            # output gradient sums over samples, so it has no per-row Fisher factors.
-            layer.positional = True
-            log.info("K-FAC: '%s' is looked up with ids shared across the batch (a positional "
-                     "table): left to the base update", layer.capture.name)
-            return
-        # Pair this call's input with the gradient of *this* output: forwards that never
-        # see a backward (activation-checkpoint recomputation, unused outputs) add nothing.
-        output.register_hook(partial(self._grad_hook, layer, inputs[0].detach(), self._ctx))
-
-    def _acc_dtype(self, cap: LayerCapture) -> torch.dtype:
-        """Accumulation dtype: float64 for float64 layers or storage, else float32 (half
-        precision storage accumulates in float32)."""
-        f = self.options.factor_dtype
-        wide = f == torch.float64 or (f is None and cap.weight.dtype == torch.float64)
-        return torch.float64 if wide else torch.float32
-
-    def _grad_hook(self, layer: _Layer, x: Tensor, ctx: _BatchContext | None, grad: Tensor):
-        cap = layer.capture
-        opts = self.options
-        dtype = self._acc_dtype(cap)
-        rows = cap.input_rows(x)
-        mask = None
-        if ctx is not None and ctx.mask is not None and ctx.mask.shape == cap.mask_shape(x):
-            mask = ctx.mask.reshape(rows.shape[:2])
-        if cap.diagonal_a:
-            a_rows = rows.reshape(-1)  # token ids
-            a_sum, t = embedding_input_statistics(rows, mask, num_embeddings=cap.in_features,
-                                                  dtype=dtype)
-            approx = "expand"
-        else:
-            approx = opts.kfac_approx
-            a_rows, t = input_rows(rows, mask, has_bias=cap.has_bias, approx=approx, dtype=dtype)
-            a_sum = a_rows.t() @ a_rows
-        n = t if ctx is None or ctx.num_loss_rows is None else ctx.num_loss_rows
-        scale = 1.0
-        if opts.loss_reduction == "mean":
-            divisor = None if ctx is None else ctx.loss_divisor
-            scale = n * opts.accumulation_steps if divisor is None else divisor
-        if ctx is not None and ctx.grad_scale != 1.0:
-            scale = scale / ctx.grad_scale
-        g_rows = output_grad_rows(cap.output_grad_rows(grad), mask, scale=scale, approx=approx,
-                                  dtype=dtype)
-        first = ctx is None or id(layer) not in ctx.counted
-        if ctx is not None:
-            ctx.counted.add(id(layer))
-        layer.a.add_sum(a_sum, t)
-        if layer.ekfac_rows is not None:
-            layer.ekfac_rows.append((a_rows, g_rows))
-        if layer.low_rank and mask is not None and approx == "expand":
-            g_rows = g_rows[mask.reshape(-1).bool()]  # padding rows are zero columns of U
-        layer.g.add(g_rows, n if first else 0.0)
+        self._capture.set_token_mask(mask, num_loss_rows)
 
     # Step ---------------------------------------------------------------------
     @torch.no_grad()
@@ -647,7 +477,7 @@ class KFACPreconditioner:
         dense, low_rank, dsts = [], [], []
         for layer in self._layers.values():
             cap = layer.capture
-            dtype, dev = self._acc_dtype(cap), cap.weight.device
+            dtype, dev = accumulation_dtype(cap, self.options.factor_dtype), cap.weight.device
             d, o = cap.in_features, cap.out_features
             if not layer.a.pending:
                 shape = (d,) if cap.diagonal_a else (d, d)
@@ -700,7 +530,7 @@ class KFACPreconditioner:
             a, g = layer.a.take_batch(), layer.g.take_batch()
             if a is not None and g is not None:
                 updates.append((layer, a, g))
-        self._pending_scale = None
+        self._capture.pending_scale = None
         if not updates:
             return counts
         finite = torch.stack([torch.isfinite(a).all() & torch.isfinite(g).all()

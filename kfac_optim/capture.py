@@ -1,0 +1,242 @@
+"""Statistics capture: the hooks stage of K-FAC (DESIGN.md: hooks -> factors -> reduction ->
+inverses -> gradients).
+
+For every forward call of the model a root pre-hook reads the token mask (``attention_mask``,
+else ``labels != -100``, or what ``set_token_mask`` gave) and a root post-hook the number N
+of loss terms (valid labels, shifted by one for Hugging Face causal LMs, else the output
+rows) and the loss divisor (Trainer's ``num_items_in_batch``). A forward hook on each layer
+pairs that call's input with the gradient of *its* output (a tensor hook, so forwards that
+never see a backward add nothing), and the gradient hook adds the layer's batch statistics
+to its running factors: ``A``'s sum of outer products and row count T, ``G``'s output
+gradient rows (of the summed loss) and N (``factors``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .factors import embedding_input_statistics, input_rows, output_grad_rows
+from .layers import LayerCapture
+from .options import KFACOptions
+
+__all__ = ["IGNORE_INDEX", "StatisticsCapture", "accumulation_dtype"]
+
+log = logging.getLogger("kfac_optim")
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class BatchContext:
+    """What one forward call of the whole model tells the layers.
+
+    ``mask``: ``(B, S)`` token validity (1 valid, 0 padding) or None.
+    ``num_loss_rows``: N, the number of loss terms of this forward.
+    ``loss_divisor``: what the summed loss was divided by, when it is not N times
+    ``accumulation_steps`` (Hugging Face ``num_items_in_batch``: the loss is normalised
+    over the whole accumulated batch).
+    ``grad_scale``: a GradScaler's scale when the forward ran (captured g are divided by it).
+    ``counted``: layers that already counted N for this forward (a module applied
+    several times in one forward adds rows to A, but its loss terms only once).
+    """
+
+    mask: Tensor | None = None
+    num_loss_rows: Tensor | float | None = None
+    loss_divisor: Tensor | float | None = None
+    batch_size: int | None = None
+    grad_scale: float = 1.0
+    counted: set = field(default_factory=set)
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """Leading dim of the model's first tensor input (``input_ids`` / ``inputs_embeds``)."""
+    for value in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(value, Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    return None
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    # Hugging Face causal LMs shift labels by one inside their loss.
+    name = type(model).__name__
+    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+
+
+def accumulation_dtype(cap: LayerCapture, factor_dtype: torch.dtype | None) -> torch.dtype:
+    """float64 for float64 layers or storage, else float32 (half precision storage
+    accumulates in float32)."""
+    wide = factor_dtype == torch.float64 or (factor_dtype is None
+                                             and cap.weight.dtype == torch.float64)
+    return torch.float64 if wide else torch.float32
+
+
+class StatisticsCapture:
+    """The hooks that feed each layer's running factors.
+
+    Args:
+        layers: ``{name: layer}``, each with ``capture`` (a ``LayerCapture``), running
+            factors ``a`` and ``g``, ``ekfac_rows`` (None, or a list collecting
+            ``(a_rows, g_rows)`` for EKFAC), ``positional`` and ``low_rank``; the dict is
+            shared with the preconditioner and read at every hook call.
+        options: the preconditioner's options.
+        capturing: whether the current step's passes feed the factors.
+
+    Attributes:
+        loss_divisor_ranks: divides Trainer's ``num_items_in_batch`` (it multiplies a
+            loss normalised over the global token count by the number of processes).
+        pending_scale: the GradScaler scale of the statistics pending since the last
+            factor update (None when nothing is pending).
+    """
+
+    def __init__(self, layers: dict[str, Any], options: KFACOptions,
+                 capturing: Callable[[], bool]) -> None:
+        self.layers = layers
+        self.options = options
+        self.capturing = capturing
+        self.loss_divisor_ranks = 1
+        self.pending_scale: float | None = None
+        self._ctx: BatchContext | None = None
+        self._pending_mask: tuple[Tensor | None, Any] | None = None
+
+    def register(self, model: nn.Module) -> list:
+        """Register the per-layer forward hooks and the root hooks on ``model``; returns
+        the handles."""
+        handles = [layer.capture.module.register_forward_hook(partial(self._forward_hook, layer))
+                   for layer in self.layers.values()]
+        handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        handles.append(model.register_forward_hook(self._root_post_hook, with_kwargs=True))
+        return handles
+
+    def set_token_mask(self, mask: Tensor | None, num_loss_rows: int | Tensor | None = None):
+        """See ``KFACPreconditioner.set_token_mask``."""
+        if mask is not None and not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor of shape (B, S) or None, got "
+                            f"{type(mask).__name__}")
+        if num_loss_rows is None and mask is not None:
+            num_loss_rows = mask.sum()
+        self._pending_mask = (mask, num_loss_rows)
+
+    def drop_pending(self) -> int:
+        """Clear every layer's pending statistics; returns how many layers had some."""
+        dropped = 0
+        for layer in self.layers.values():
+            dropped += int(layer.a.pending)
+            layer.a.take_batch()
+            layer.g.take_batch()
+        return dropped
+
+    def _grad_scale(self) -> float:
+        """The GradScaler's current scale; drops statistics of an overflowed step.
+
+        ``GradScaler.step`` skips ``step()`` when gradients overflowed, then ``update()``
+        backs the scale off: statistics still pending under another scale are from that
+        skipped step (their g were inf/NaN), and are dropped.
+        """
+        scaler = self.options.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        scale = scaler.get_scale()
+        if self.pending_scale is not None and self.pending_scale != scale:
+            dropped = self.drop_pending()
+            log.info("dropped statistics of %d layers from an overflowed step", dropped)
+        self.pending_scale = scale
+        return scale
+
+    def _root_pre_hook(self, module, args, kwargs):
+        if self._pending_mask is not None:
+            mask, rows = self._pending_mask
+            self._pending_mask = None
+        else:
+            mask, rows = kwargs.get("attention_mask"), None
+            labels = kwargs.get("labels")
+            if mask is None and isinstance(labels, Tensor):
+                mask = labels != IGNORE_INDEX
+        self._ctx = BatchContext(mask=mask, num_loss_rows=rows, grad_scale=self._grad_scale(),
+                                 batch_size=_batch_size(args, kwargs))
+
+    def _root_post_hook(self, module, args, kwargs, output):
+        ctx = self._ctx
+        if ctx is None:
+            return
+        items = kwargs.get("num_items_in_batch")
+        if items is not None and self.options.loss_reduction == "mean":
+            ctx.loss_divisor = items / self.loss_divisor_ranks
+        if ctx.num_loss_rows is not None:
+            return
+        labels = kwargs.get("labels")
+        if isinstance(labels, Tensor):
+            if _is_causal_lm(module):
+                labels = labels[..., 1:]
+            ctx.num_loss_rows = (labels != IGNORE_INDEX).sum()
+            return
+        logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
+        if isinstance(logits, Tensor) and logits.dim() >= 1:
+            rows = logits.shape[:-1] if logits.dim() > 1 else torch.Size([1])
+            if ctx.mask is not None and ctx.mask.shape == rows:
+                ctx.num_loss_rows = ctx.mask.sum()
+            else:
+                ctx.num_loss_rows = float(math.prod(rows))
+
+    def _forward_hook(self, layer: Any, module, inputs, output):
+        if not (self.capturing() and module.training and torch.is_grad_enabled()):
+            return
+        if layer.positional:
+            return
+        if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
+            return
+        ctx = self._ctx
+        if (layer.capture.diagonal_a and ctx is not None and (ctx.batch_size or 1) > 1
+                and inputs[0].dim() > 1 and inputs[0].shape[0] == 1):
+            # ids shared by the whole batch (a positional table, broadcast over it): its
+            # output gradient sums over samples, so it has no per-row Fisher factors.
+            layer.positional = True
+            log.info("K-FAC: '%s' is looked up with ids shared across the batch (a positional "
+                     "table): left to the base update", layer.capture.name)
+            return
+        # Pair this call's input with the gradient of *this* output: forwards that never
+        # see a backward (activation-checkpoint recomputation, unused outputs) add nothing.
+        output.register_hook(partial(self._grad_hook, layer, inputs[0].detach(), self._ctx))
+
+    def _grad_hook(self, layer: Any, x: Tensor, ctx: BatchContext | None, grad: Tensor):
+        cap = layer.capture
+        opts = self.options
+        dtype = accumulation_dtype(cap, opts.factor_dtype)
+        rows = cap.input_rows(x)
+        mask = None
+        if ctx is not None and ctx.mask is not None and ctx.mask.shape == cap.mask_shape(x):
+            mask = ctx.mask.reshape(rows.shape[:2])
+        if cap.diagonal_a:
+            a_rows = rows.reshape(-1)  # token ids
+            a_sum, t = embedding_input_statistics(rows, mask, num_embeddings=cap.in_features,
+                                                  dtype=dtype)
+            approx = "expand"
+        else:
+            approx = opts.kfac_approx
+            a_rows, t = input_rows(rows, mask, has_bias=cap.has_bias, approx=approx, dtype=dtype)
+            a_sum = a_rows.t() @ a_rows
+        n = t if ctx is None or ctx.num_loss_rows is None else ctx.num_loss_rows
+        scale = 1.0
+        if opts.loss_reduction == "mean":
+            divisor = None if ctx is None else ctx.loss_divisor
+            scale = n * opts.accumulation_steps if divisor is None else divisor
+        if ctx is not None and ctx.grad_scale != 1.0:
+            scale = scale / ctx.grad_scale
+        g_rows = output_grad_rows(cap.output_grad_rows(grad), mask, scale=scale, approx=approx,
+                                  dtype=dtype)
+        first = ctx is None or id(layer) not in ctx.counted
+        if ctx is not None:
+            ctx.counted.add(id(layer))
+        layer.a.add_sum(a_sum, t)
+        if layer.ekfac_rows is not None:
+            layer.ekfac_rows.append((a_rows, g_rows))
+        if layer.low_rank and mask is not None and approx == "expand":
+            g_rows = g_rows[mask.reshape(-1).bool()]  # padding rows are zero columns of U
+        layer.g.add(g_rows, n if first else 0.0)
