@@ -208,11 +208,7 @@ def all_reduce_counts(values: Tensor, group: Any, *, kind: str = "counts",
                       stats: CommStats | None = None) -> Tensor:
     """Sum a small tensor of counts or 0/1 flags over ranks in float64 (exact for integers
     below 2^53); any shape, returned in float64."""
-    flat = values.to(torch.float64).clone()
-    if stats is not None:
-        stats.add(kind, flat.numel() * flat.element_size())
-    dist.all_reduce(flat, group=group)
-    return flat
+    return all_reduce_sum(values.to(torch.float64), group, kind=kind, stats=stats)
 
 
 def broadcast_from_owners(tensors: list[Tensor], src: list[int], group: Any, *,

@@ -563,9 +563,8 @@ class KFACPreconditioner:
         if opts.truncates(o) and layer.g.rank > opts.woodbury_rank:
             reduce = None
             if layer.row_sharded:  # U^T U is the sum of the row slices' Grams
-                def reduce(gram: Tensor) -> Tensor:
-                    return all_reduce_sum(gram, self._group, kind="low_rank_gram",
-                                          stats=self.comm)
+                reduce = partial(all_reduce_sum, group=self._group, kind="low_rank_gram",
+                                 stats=self.comm)
             dropped = layer.g.truncate(opts.woodbury_rank, dtype=opts.inv_dtype,
                                        device=opts.inv_device, reduce_gram=reduce)
             if dropped is not None:
