@@ -69,10 +69,10 @@ def time_reduction(pre, caps, rounds=7, reps=5) -> dict[str, float]:
     from kfac_optim.distributed import reduce_symmetric
 
     tensors = []
-    for layer in pre._layers.values():
-        d, o = layer.capture.in_features, layer.capture.out_features
+    for layer in pre.layers.values():
+        o, d = layer.shape
         count = torch.tensor(1.0, dtype=torch.float64)
-        tensors += [torch.ones(d) if layer.capture.diagonal_a else torch.eye(d), count,
+        tensors += [torch.ones(d) if layer.kind == "embedding" else torch.eye(d), count,
                     torch.eye(o), count]
     times: dict[str, list[float]] = {str(c): [] for c in caps}
     for _ in range(rounds):
@@ -135,9 +135,9 @@ def worker(args) -> None:
         pre = opt.preconditioner
         updates = pre.steps  # one factor update per step
         unpacked = 4 * sum(
-            layer.capture.in_features ** (1 if layer.capture.diagonal_a else 2)
-            + (0 if layer.low_rank else layer.capture.out_features ** 2)
-            for layer in pre._layers.values())
+            layer.shape[1] ** (1 if layer.kind == "embedding" else 2)
+            + (0 if layer.low_rank else layer.shape[0] ** 2)
+            for layer in pre.layers.values())
         memory = [None] * world
         dist.all_gather_object(memory, pre.memory_usage()["total"])
         rows[name] = {

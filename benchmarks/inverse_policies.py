@@ -7,12 +7,12 @@ gradients (the same data for every policy at a given ``(o, T)``). For each polic
 (``eig``, ``woodbury``, ``auto``; exact damping, and ``woodbury`` with factored
 damping reported separately) it measures, through the preconditioner's own code:
 
-1. inverse update: ``pre._update_inverses()`` (eig: ``eigh`` of the dense o x o G and
+1. inverse update: ``pre.update_inverses()`` (eig: ``eigh`` of the dense o x o G and
    of A; woodbury exact: ``lowrank_eigh(U)`` + ``eigh`` of A; woodbury factored: the
    Gram ``U^T U`` + ``eigh`` of A, plus the ``robust_cholesky`` that the first
    ``_precondition_layer`` call after an inverse update builds and caches: its time is
    measured by wrapping ``kfac_optim.preconditioner.robust_cholesky``);
-2. precondition: ``pre._precondition_layer(layer, grad, damping)`` of one (o, 257)
+2. precondition: ``layer.inverse.apply(grad, damping)`` of one (o, 257)
    gradient with the stored inverse (the KL clip and the write-back are excluded);
 3. memory: ``pre.memory_usage()`` (dense A and G, stacked U, eigenbases, Grams and
    the cached Cholesky factor), after the first precondition call.
@@ -46,7 +46,7 @@ optimistic for eig at a larger T), and the other T of that o report that value,
 marked ``ref``.
 
 The ``auto`` policy keeps a low-rank G while its column count k <= min(woodbury_max_rank,
-auto_t_max, auto_rho * o) (``KFACOptions.max_low_rank``); after one factor update
+auto_t_max, auto_rho * o) (``kfac_optim.policies.Chooser.max_low_rank``); after one factor update
 k = T, so it picks woodbury when T <= rho o and T <= t_max, else eig. The benchmark
 predicts the pick from that rule and checks it against the layer's ``describe()``.
 After the pick auto runs exactly the picked policy's code, so where that policy's
@@ -94,8 +94,12 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import kfac_optim.preconditioner as kpre  # noqa: E402
+import kfac_optim.policies.base as kbase  # noqa: E402
+import kfac_optim.policies.eig as keig  # noqa: E402
+import kfac_optim.policies.woodbury as kwood  # noqa: E402
+from kfac_optim.inverse import eigh_psd  # noqa: E402
 from kfac_optim.options import KFACOptions  # noqa: E402
+from kfac_optim.policies import make_policy  # noqa: E402
 from kfac_optim.preconditioner import KFACPreconditioner  # noqa: E402
 
 D_IN = 256
@@ -131,8 +135,8 @@ class Clock:
 
 
 class SolverTimers:
-    """Wraps the solvers the preconditioner calls (``eigh_psd``, ``lowrank_eigh``,
-    ``robust_cholesky`` in ``kfac_optim.preconditioner``) to time them by call."""
+    """Wraps the solvers the inverse policies call (``eigh_psd``, ``lowrank_eigh``,
+    ``robust_cholesky`` where ``kfac_optim.policies`` imports them) to time them by call."""
 
     NAMES = ("eigh_psd", "lowrank_eigh", "robust_cholesky")
 
@@ -151,14 +155,16 @@ class SolverTimers:
 
     @contextlib.contextmanager
     def installed(self):
-        for name in self.NAMES:
-            self._orig[name] = getattr(kpre, name)
-            setattr(kpre, name, self._wrap(name, self._orig[name]))
+        for module in (kbase, keig, kwood):
+            for name in self.NAMES:
+                if hasattr(module, name):
+                    self._orig[(module, name)] = getattr(module, name)
+                    setattr(module, name, self._wrap(name, getattr(module, name)))
         try:
             yield self
         finally:
-            for name, fn in self._orig.items():
-                setattr(kpre, name, fn)
+            for (module, name), fn in self._orig.items():
+                setattr(module, name, fn)
 
     def take(self) -> list[tuple[str, str, float]]:
         calls, self.calls = self.calls, []
@@ -255,7 +261,7 @@ def reference_f64(o: int, t: int, damping: float, seed: int) -> dict[str, torch.
 def predicted_pick(policy: str, o: int, t: int, opts: KFACOptions) -> str:
     if policy == "eig":
         return "eig"
-    return "woodbury" if t <= opts.max_low_rank(o) else "eig"
+    return "woodbury" if t <= make_policy(opts).max_low_rank(o) else "eig"
 
 
 class Case:
@@ -276,13 +282,13 @@ class Case:
         x, r = data
         t0 = clock.now()
         (self.model(x) * r).sum().backward()
-        self.pre._update_factors()
+        self.grad = torch.cat([self.model.weight.grad, self.model.bias.grad[:, None]], 1)
+        self.pre.step()  # folds the statistics (and computes a first inverse)
         self.capture_s = clock.now() - t0
-        self.name, self.layer = next(iter(self.pre._layers.items()))
-        # the pick is made in _update_factors: a low-rank G past its column limit is dense
+        self.name, self.layer = next(iter(self.pre.layers.items()))
+        # the pick is made at the factor update: a low-rank G past its column limit is dense
         self.pick = "woodbury" if self.layer.low_rank else "eig"
         self.expected_pick = predicted_pick(policy, o, t, self.pre.options)
-        self.grad = self.layer.capture.grad_matrix()
         self.damping = self.pre.options.damping
         self.breakdown: list[tuple[str, str, float]] = []
         timers.take()
@@ -290,11 +296,11 @@ class Case:
     def inverse_once(self) -> float:
         pre, layer = self.pre, self.layer
         t0 = self.clock.now()
-        pre._update_inverses()
+        pre.update_inverses()
         elapsed = self.clock.now() - t0
         calls = self.timers.take()
-        if "u" in layer.inv:  # factored Woodbury: the first precondition builds the solver
-            pre._precondition_layer(layer, self.grad, self.damping)
+        if layer.inverse.kind == "woodbury":  # factored: the first apply builds the solver
+            layer.inverse.apply(self.grad, self.damping)
             chol = self.timers.take()
             calls += chol
             elapsed += sum(c[2] for c in chol)
@@ -303,12 +309,12 @@ class Case:
 
     def precondition_once(self) -> float:
         t0 = self.clock.now()
-        self.pre._precondition_layer(self.layer, self.grad, self.damping)
+        self.layer.inverse.apply(self.grad, self.damping)
         return self.clock.now() - t0
 
     def result(self) -> tuple[dict[str, Any], torch.Tensor]:
         pre, layer = self.pre, self.layer
-        out = pre._precondition_layer(layer, self.grad, self.damping)
+        out = layer.inverse.apply(self.grad, self.damping)
         self.timers.take()
         mem = pre.memory_usage()["layers"][self.name]
         desc = pre.describe()[0]
@@ -316,8 +322,7 @@ class Case:
             "o": self.o, "T": self.t, "policy": self.policy, "damping_mode": self.damping_mode,
             "status": "measured", "picked": desc["policy"], "rank": desc["rank"],
             "expected_pick": self.expected_pick,
-            "basis_rank": (layer.inv["q_g"].shape[1] if "q_g" in layer.inv
-                           else layer.inv["u"].shape[1]),
+            "basis_rank": layer.inverse.basis_rank,
             "capture_s": self.capture_s,
             "memory_bytes": mem["total"], "memory": mem,
             "breakdown": [{"fn": f, "shape": s, "s": dt} for f, s, dt in self.breakdown],
@@ -363,9 +368,9 @@ class EigRule:
         gen = torch.Generator().manual_seed(0)
         m = torch.randn(n, n // 2, generator=gen).to(device)
         g = m @ m.t()
-        kpre.eigh_psd(g)  # warm-up
+        eigh_psd(g)  # warm-up
         t0 = clock.now()
-        kpre.eigh_psd(g)
+        eigh_psd(g)
         self.ref = (n, clock.now() - t0, "calibration eigh(1024)")
         self.measured_at: dict[int, int] = {}  # o -> T where eig was measured once
 
@@ -689,7 +694,7 @@ def summarize(rows: list[dict[str, Any]], inv_steps: int, fac_steps: int = 10,
     life = {}
     for o, t in points:
         life[f"{o},{t}"] = {
-            policy: KFACOptions(inverse_policy=policy).max_low_rank(o) // t
+            policy: make_policy(KFACOptions(inverse_policy=policy)).max_low_rank(o) // t
             for policy in ("woodbury", "auto")}
     out["low_rank_lifetime"] = {
         "note": "factor updates (k = T each) a low-rank G lasts before turning dense",

@@ -173,11 +173,10 @@ def demo_layers():
     pre = KFACPreconditioner(model, kl_clip=None)
     ids = torch.randint(0, 256, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
-    layers = list(pre._layers.values())
-    out = [Layer(la.capture.name, la.capture.in_features, la.capture.out_features)
-           for la in layers]
-    diagonal = {la.capture.name for la in layers if la.capture.diagonal_a}
-    positional = {la.capture.name for la in layers if la.positional}
+    layers = list(pre.layers.values())
+    out = [Layer(la.name, la.shape[1], la.shape[0]) for la in layers]
+    diagonal = {la.name for la in layers if la.kind == "embedding"}
+    positional = {la.name for la in layers if la.positional}
     return out, diagonal, positional
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["LayerCapture", "capture_for", "is_supported", "SUPPORTED_MODULES", "fsdp1_root",
-           "strip_wrapper_names"]
+           "strip_wrapper_names", "layer_kind"]
 
 SUPPORTED_MODULES = ("Linear", "Conv2d", "Embedding", "transformers Conv1D")
 
@@ -355,3 +355,15 @@ def capture_for(name: str, module: nn.Module) -> LayerCapture:
         f"layer '{name}' of type {type(module).__name__} is not supported "
         f"(accepted: {', '.join(SUPPORTED_MODULES)})"
     )
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """K-FAC layer kind of ``module`` ("linear", "conv1d" (Hugging Face Conv1D), "conv2d",
+    "embedding"), or None when unsupported."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return "conv1d" if _is_hf_conv1d(module) else None

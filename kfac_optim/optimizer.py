@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .options import check_kl_clip, check_nonneg
+from .options import KFACOptions, check_nonneg, options_doc, options_signature
 from .preconditioner import KFACPreconditioner
 
 __all__ = ["KFAC"]
@@ -54,7 +54,8 @@ class KFAC(torch.optim.Optimizer):
 
     Hyperparameters live in ``param_groups``: ``lr``, ``momentum``, ``weight_decay``,
     ``nesterov`` per group; ``damping`` and ``kl_clip`` are read from the first group
-    at every step, so LR schedulers (and a scheduler writing ``group["damping"]``) work.
+    at every step, so LR schedulers (and a scheduler writing ``group["damping"]``) work:
+    ``preconditioner.describe()`` reports the damping the last step used.
 
     Args:
         model: the model whose trainable parameters are optimized.
@@ -62,21 +63,23 @@ class KFAC(torch.optim.Optimizer):
         momentum: in [0, 1).
         weight_decay: >= 0 (L2, added to the preconditioned gradient).
         nesterov: Nesterov momentum.
-        damping, kl_clip: as in ``KFACPreconditioner``.
         params: optional parameter groups (as for any torch optimizer) over a subset of
             ``model``'s parameters; default: all parameters with ``requires_grad``.
-        **kfac_kwargs: the other ``KFACPreconditioner`` arguments.
+        options: a ``KFACOptions`` to start from (keywords override its fields).
+        **options: any ``KFACOptions`` field but ``lr`` (listed below and in the
+            signature); ``damping`` and ``kl_clip`` become param-group defaults.
 
     State: ``state_dict()`` is the usual optimizer state plus the preconditioner's under
     key ``"kfac"``; tensors and plain values only, valid right after construction.
 
     Raises:
-        ValueError / TypeError: bad arguments, naming the argument and accepted values.
+        ValueError / TypeError: bad arguments, naming the argument and accepted values (an
+            unknown keyword gets the closest option names).
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
-                 weight_decay: float = 0.0, nesterov: bool = False, damping: float = 1e-3,
-                 kl_clip: float | None = 1e-3, *, params: Any = None, **kfac_kwargs: Any):
+                 weight_decay: float = 0.0, nesterov: bool = False, *, params: Any = None,
+                 options: KFACOptions | None = None, **overrides: Any):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if check_nonneg("lr", lr) <= 0:
@@ -86,14 +89,14 @@ class KFAC(torch.optim.Optimizer):
         check_nonneg("weight_decay", weight_decay)
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
-        if "lr" in kfac_kwargs:
+        if "lr" in overrides:
             raise TypeError("lr given twice")
-        self.preconditioner = KFACPreconditioner(model, damping=damping, kl_clip=kl_clip,
-                                                 lr=lr, **kfac_kwargs)
+        self.preconditioner = KFACPreconditioner(model, options=options, lr=lr, **overrides)
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
+        opts = self.preconditioner.options
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                        damping=float(damping), kl_clip=check_kl_clip(kl_clip))
+                        damping=opts.damping, kl_clip=opts.kl_clip)
         super().__init__(params, defaults)
         self._model_params = {id(p) for p in model.parameters()}
         _refuse_partitioned(self.param_groups)
@@ -159,3 +162,7 @@ class KFAC(torch.optim.Optimizer):
         if kfac_state is not None:
             self.preconditioner.load_state_dict(kfac_state)
         super().load_state_dict(state_dict)
+
+
+KFAC.__init__.__signature__ = options_signature(KFAC.__init__, skip=("lr",))
+KFAC.__doc__ += "\n" + options_doc(skip=("lr",))

@@ -1,10 +1,21 @@
-"""K-FAC hyperparameters, validated in one place for every entry point."""
+"""K-FAC options: typed, keyword-only, each documented once next to its check.
+
+``KFACOptions`` is the single source of every option's name, type, default, documentation
+and validation. ``KFACPreconditioner(model, **options)`` and ``KFAC(model, ..., **options)``
+accept these keywords (or ``options=KFACOptions(...)``); their signatures, as ``help()`` and
+``inspect.signature`` show them, list every option with its default, and an unknown keyword
+gets a close-match suggestion (``KFACOptions.build``).
+"""
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import re
-from dataclasses import dataclass, field
+import textwrap
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -13,7 +24,9 @@ from torch import nn
 from .factors import KFAC_APPROXIMATIONS
 from .inverse import DAMPING_MODES
 
-__all__ = ["KFACOptions", "INVERSE_POLICIES", "LOSS_REDUCTIONS", "WOODBURY_REDUCTIONS"]
+__all__ = ["KFACOptions", "StepSettings", "INVERSE_POLICIES", "LOSS_REDUCTIONS",
+           "WOODBURY_REDUCTIONS", "INVERSE_WORKERS", "check_nonneg", "check_kl_clip",
+           "options_signature", "options_doc"]
 
 INVERSE_POLICIES = ("eig", "woodbury", "auto", "hybrid")
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -24,6 +37,7 @@ WOODBURY_REDUCTIONS = ("gather", "row_sharded")
 STORE_DEVICES = ("auto", "cpu", "compute")
 
 
+# Checks: each takes (name, value) and returns the normalised value or raises ------------
 def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -37,116 +51,255 @@ def check_nonneg(name: str, value: Any) -> float:
     return float(value)
 
 
-def check_kl_clip(value: Any) -> float | None:
+def check_kl_clip(value: Any, name: str = "kl_clip") -> float | None:
     if value is None:
         return None
     if not _is_real(value) or value <= 0:
-        raise ValueError(f"kl_clip must be None (disabled) or a real number > 0, got {value!r}")
+        raise ValueError(f"{name} must be None (disabled) or a real number > 0, got {value!r}")
     return float(value)
 
 
-def _check_choice(name: str, value: Any, accepted: tuple) -> None:
-    if value not in accepted:
-        raise ValueError(f"{name}={value!r} is not accepted; accepted values: {accepted}")
+def _choice(accepted: tuple) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if value not in accepted:
+            raise ValueError(f"{name}={value!r} is not accepted; accepted values: {accepted}")
+        return value
+    return check
 
 
-def _check_steps(name: str, value: Any) -> None:
+def _steps(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int >= 1, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    return lambda name, value: None if value is None else check(name, value)
+
+
+def _positive(name: str, value: Any) -> float:
+    if not _is_real(value) or value <= 0:
+        raise ValueError(f"{name} must be a real number > 0, got {value!r}")
+    return float(value)
+
+
+def _decay(name: str, value: Any) -> float:
+    if not _is_real(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a real number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _kappa(name: str, value: Any) -> float | None:
+    if value is not None and (not _is_real(value) or value < 1):
+        raise ValueError(f"{name} must be None or a real number >= 1, got {value!r}")
+    return value
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def _inv_device(name: str, device: Any) -> torch.device | None:
+    """``"auto"`` (the layer's device) -> None; else a ``torch.device``."""
+    if device == "auto" or device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}={device!r} is not accepted; accepted: 'auto', 'cpu', "
+                         "a CUDA device such as 'cuda:0', or a torch.device") from None
+
+
+def _skip_layers(name: str, skip: Any) -> tuple:
+    if isinstance(skip, (str, type)):
+        skip = (skip,)
+    try:
+        items = tuple(skip)
+    except TypeError:
+        raise TypeError(f"{name} must be an iterable of module-name regexes (str) or "
+                        f"nn.Module subclasses, got {skip!r}") from None
+    for item in items:
+        if isinstance(item, str):
+            try:
+                re.compile(item)
+            except re.error as err:
+                raise ValueError(f"{name}: {item!r} is not a valid regex ({err})") from None
+        elif not (isinstance(item, type) and issubclass(item, nn.Module)):
+            raise TypeError(f"{name} entries must be module-name regexes (str) or "
+                            f"nn.Module subclasses, got {item!r}")
+    return items
+
+
+def _grad_scaler(name: str, value: Any) -> Any:
+    if value is not None and not hasattr(value, "get_scale"):
+        raise TypeError(f"{name} must be a torch.amp.GradScaler (or None), got "
+                        f"{type(value).__name__}")
+    return value
+
+
+def _bucket(name: str, value: Any) -> float | None:
+    if value is not None and (not _is_real(value) or value <= 0):
+        raise ValueError(f"{name} must be None (one buffer per destination) or a real number "
+                         f"of MiB > 0, got {value!r}")
+    return value
+
+
+def _any(name: str, value: Any) -> Any:
+    return value
+
+
+def option(default: Any, doc: str, check: Callable[[str, Any], Any] = _any) -> Any:
+    """A ``KFACOptions`` field: its default, its documentation and its check, together."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable default")
+    return field(default=default, metadata={"doc": doc, "check": check})
 
 
 @dataclass
 class KFACOptions:
-    """All K-FAC hyperparameters; see ``KFACPreconditioner`` for their meaning.
+    """Every K-FAC option. Build with keywords (``KFACOptions(damping=1e-2)``), or through
+    ``KFACPreconditioner`` / ``KFAC``, which take the same keywords.
 
     Raises:
-        ValueError / TypeError: naming the argument and the accepted values.
+        ValueError / TypeError: naming the option and the accepted values.
     """
 
-    damping: float = 1e-3
-    damping_mode: str = "exact"
-    factor_decay: float = 0.95
-    factor_update_steps: int = 10
-    inv_update_steps: int = 100
-    kl_clip: float | None = 1e-3
-    lr: float | None = None
-    inverse_policy: str = "eig"
-    loss_reduction: str = "mean"
-    kfac_approx: str = "expand"
-    skip_layers: tuple = field(default_factory=tuple)
-    factor_dtype: torch.dtype | None = None
-    inv_dtype: torch.dtype | None = None
-    woodbury_max_rank: int = 8192
-    woodbury_rank: int | None = None
-    auto_rho: float = 0.75
-    auto_t_max: int = 8192
-    hybrid_min_out: int = 4096
-    max_condition_number: float | None = None
-    woodbury_dtype: torch.dtype | None = None
-    woodbury_store_device: str = "auto"
-    woodbury_store_threshold_bytes: int = 500 * 2**20
-    accumulation_steps: int = 1
-    eigenvalue_correction: bool = False
-    inv_device: Any = "auto"
-    process_group: Any = "auto"
-    inverse_workers: str = "replicate"
-    # "gather" by default: row-sharded states hold one rank's rows of U, which Accelerate /
-    # Trainer checkpoints (one optimizer file from rank 0) cannot resume from; measured trade-
-    # off in benchmarks/README.md, "Woodbury across ranks"
-    woodbury_reduction: str = "gather"
-    comm_dtype: torch.dtype | None = None
-    comm_bucket_mb: float | None = None
-    grad_scaler: Any = None
+    # Damping and the step -------------------------------------------------------
+    damping: float = option(
+        1e-3, "lambda >= 0, Tikhonov damping in units of the Fisher of the mean loss "
+        "(``step(damping=...)`` or a KFAC param group's ``damping`` overrides it per step).",
+        check_nonneg)
+    damping_mode: str = option(
+        "exact", "``\"exact\"``: ``(A (x) G + lambda I)^{-1}``; ``\"factored\"``: "
+        "``(G + lambda_G I)^{-1} V (A + lambda_A I)^{-1}``, the pi-split of Martens & Grosse "
+        "2015, Sec. 6.3.", _choice(DAMPING_MODES))
+    kl_clip: float | None = option(
+        1e-3, "KL-clip threshold > 0 (Ba, Grosse & Martens 2017): the step is scaled by "
+        "``min(1, sqrt(kl_clip / (lr^2 sum_layers <V_pre, V>)))``; None disables it. Needs "
+        "``lr``.", lambda name, value: check_kl_clip(value, name))
+    lr: float | None = option(
+        None, "learning rate of the update that follows (for the KL clip); "
+        "``step(lr=...)`` overrides it. ``KFAC`` passes its group's lr.",
+        _optional(check_nonneg))
+    # Factors ----------------------------------------------------------------------
+    factor_decay: float = option(
+        0.95, "EMA decay in [0, 1) of A and G; bias-corrected.", _decay)
+    factor_update_steps: int = option(
+        10, "capture statistics and update the factors every k steps.", _steps)
+    inv_update_steps: int = option(
+        100, "recompute the inverses (eigendecompositions, Woodbury systems) every k steps.",
+        _steps)
+    loss_reduction: str = option(
+        "mean", "how the loss given to ``backward()`` was reduced over its N loss terms: "
+        "``\"mean\"`` (captured gradients are multiplied by N) or ``\"sum\"``.",
+        _choice(LOSS_REDUCTIONS))
+    kfac_approx: str = option(
+        "expand", "weight sharing over positions (Eschenhagen et al. 2023): ``\"expand\"`` "
+        "(one row per position) or ``\"reduce\"`` (one row per sample); Embedding layers "
+        "always use expand.", _choice(KFAC_APPROXIMATIONS))
+    skip_layers: tuple = option(
+        (), "module-name regexes (``re.search``) or module types left to the base update.",
+        _skip_layers)
+    accumulation_steps: int = option(
+        1, "micro-batches per optimizer step when each micro-batch loss is divided by it: "
+        "captured gradients are multiplied back, and every micro-batch enters one factor "
+        "update.", _steps)
+    grad_scaler: Any = option(
+        None, "a ``torch.amp.GradScaler``: captured gradients are divided by its scale, and "
+        "statistics of a step whose gradients overflowed are dropped. With a plain optimizer "
+        "call ``scaler.unscale_(opt)`` before ``pre.step()``.", _grad_scaler)
+    factor_dtype: torch.dtype | None = option(
+        None, "storage dtype of A and G: None (float32, or float64 for float64 layers), "
+        "float32, float64, or bfloat16 / float16 (accumulated in float32).",
+        _choice(FACTOR_DTYPES))
+    eigenvalue_correction: bool = option(
+        False, "EKFAC (George et al. 2018): running second moments of the per-row gradients "
+        "in the Kronecker eigenbasis replace ``s_G s_A^T`` (exact damping; layers with a "
+        "dense G).", _bool)
+    # Inverses ----------------------------------------------------------------------
+    inverse_policy: str = option(
+        "eig", "``\"eig\"`` (eigendecompose A and G), ``\"woodbury\"`` (G kept as ``U U^T`` "
+        "from stacked output gradients, docs/design.md \"Woodbury policy\"), ``\"auto\"`` "
+        "(Woodbury while its column count k <= ``auto_rho`` o and k <= ``auto_t_max``, then "
+        "dense eig) or ``\"hybrid\"`` (Woodbury for layers with o >= ``hybrid_min_out``, eig "
+        "elsewhere); ``kfac_optim.policies``. All give the same result on the same factors.",
+        _choice(INVERSE_POLICIES))
+    inv_dtype: torch.dtype | None = option(
+        None, "eigensolver dtype (None: the factor dtype; float64 is retried on failure in "
+        "any case).", _choice(INV_DTYPES))
+    inv_device: Any = option(
+        "auto", "eigensolver device: ``\"auto\"`` (the layer's), ``\"cpu\"`` or a CUDA "
+        "device; results come back to the layer's device.", _inv_device)
+    max_condition_number: float | None = option(
+        None, "clip factor eigenvalues below ``max / kappa`` (None: off); counts in "
+        "``describe()``.", _kappa)
+    woodbury_max_rank: int = option(
+        8192, "columns past which a low-rank G becomes dense (logged).", _steps)
+    woodbury_rank: int | None = option(
+        None, "None (the stack grows until it turns dense) or r >= 1: a truncated EMA. After "
+        "each factor update a low-rank G with more than r columns keeps its top r eigenpairs, "
+        "``G_t = top_r(decay G_{t-1} + (1 - decay) G_batch)`` (Eckart-Young optimal), at "
+        "O(o (r + T)^2) per update; the trace fraction dropped is ``dropped_G`` in "
+        "``describe()``. Applies to layers whose column limit is >= r; must be <= "
+        "``woodbury_max_rank``. Keeps a large-vocabulary head on Woodbury.", _optional(_steps))
+    auto_rho: float = option(
+        0.75, "``\"auto\"``: Woodbury while k <= rho o (the measured crossover, "
+        "``kfac_optim.policies``).", _positive)
+    auto_t_max: int = option(8192, "``\"auto\"``: Woodbury while k <= this.", _steps)
+    hybrid_min_out: int = option(
+        4096, "``\"hybrid\"``: Woodbury for layers with o >= this.", _steps)
+    woodbury_dtype: torch.dtype | None = option(
+        None, "storage dtype of U (None, float32, bfloat16, float16; computed in float32).",
+        _choice(FACTOR_DTYPES))
+    woodbury_store_device: str = option(
+        "auto", "``\"auto\"`` (next to the layer while U takes at most "
+        "``woodbury_store_threshold_bytes``, else pinned host memory, moved on use), "
+        "``\"cpu\"`` or ``\"compute\"``.", _choice(STORE_DEVICES))
+    woodbury_store_threshold_bytes: int = option(
+        500 * 2**20, "see ``woodbury_store_device`` (default 500 MiB).", _steps)
+    # Distributed -------------------------------------------------------------------
+    process_group: Any = option(
+        "auto", "``\"auto\"`` (the default group when torch.distributed is initialised with "
+        "more than one rank), None (no reduction), or a process group.")
+    inverse_workers: str = option(
+        "replicate", "with several ranks (``kfac_optim.placement``): ``\"replicate\"`` (every "
+        "rank computes every inverse), ``\"assign\"`` (each layer's inverse computed by one "
+        "rank, greedy by cost, then broadcast; KAISA, Pauloski et al. 2021) or ``\"owner\"`` "
+        "(KAISA's MEM-OPT: each layer's factors, inverse and preconditioning on one owner "
+        "rank, the result broadcast at every step; ``state_dict()`` then holds this rank's "
+        "layers: save and load one state per rank, same number of ranks).",
+        _choice(INVERSE_WORKERS))
+    woodbury_reduction: str = option(
+        "gather", "how a low-rank G is reduced with several ranks: ``\"gather\"`` (every rank "
+        "holds the whole U; traffic only at factor updates) or ``\"row_sharded\"`` (each rank "
+        "holds its rows of U, the FSDP2 ``Shard(0)`` split: 1/R of U's memory and of the "
+        "per-step Woodbury products, for about k d + o d values sent per step; a rank's state "
+        "then loads only at the same rank and world size). Default \"gather\": Accelerate's "
+        "``save_state`` and the Trainer write one optimizer file from the main process, which "
+        "a row-sharded state cannot resume from (benchmarks/README.md, \"Woodbury across "
+        "ranks\").", _choice(WOODBURY_REDUCTIONS))
+    comm_dtype: torch.dtype | None = option(
+        None, "wire dtype of the factor sums (None: the factor dtype; counts are always "
+        "float64).", _choice(FACTOR_DTYPES))
+    comm_bucket_mb: float | None = option(
+        None, "cap in MiB on one communication buffer (None: one buffer per destination, "
+        "measured fastest on gloo CPU, benchmarks/README.md); buffers are issued "
+        "asynchronously and unpacked in order.", _bucket)
 
     def __post_init__(self) -> None:
-        self.damping = check_nonneg("damping", self.damping)
-        _check_choice("damping_mode", self.damping_mode, DAMPING_MODES)
-        if not _is_real(self.factor_decay) or not 0.0 <= self.factor_decay < 1.0:
-            raise ValueError(f"factor_decay must be a real number in [0, 1), got "
-                             f"{self.factor_decay!r}")
-        _check_steps("factor_update_steps", self.factor_update_steps)
-        _check_steps("inv_update_steps", self.inv_update_steps)
-        self.kl_clip = check_kl_clip(self.kl_clip)
-        if self.lr is not None:
-            self.lr = check_nonneg("lr", self.lr)
-        _check_choice("inverse_policy", self.inverse_policy, INVERSE_POLICIES)
-        _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
-        _check_choice("kfac_approx", self.kfac_approx, KFAC_APPROXIMATIONS)
-        _check_choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)
-        _check_choice("inv_dtype", self.inv_dtype, INV_DTYPES)
-        _check_choice("woodbury_dtype", self.woodbury_dtype, FACTOR_DTYPES)
-        _check_choice("woodbury_store_device", self.woodbury_store_device, STORE_DEVICES)
-        for name in ("woodbury_max_rank", "auto_t_max", "hybrid_min_out", "accumulation_steps",
-                     "woodbury_store_threshold_bytes"):
-            _check_steps(name, getattr(self, name))
-        if self.woodbury_rank is not None:
-            _check_steps("woodbury_rank", self.woodbury_rank)
-            if self.woodbury_rank > self.woodbury_max_rank:
-                raise ValueError(f"woodbury_rank={self.woodbury_rank} must be <= "
-                                 f"woodbury_max_rank={self.woodbury_max_rank} (or None)")
-        if not _is_real(self.auto_rho) or self.auto_rho <= 0:
-            raise ValueError(f"auto_rho must be a real number > 0, got {self.auto_rho!r}")
-        if self.max_condition_number is not None and (
-                not _is_real(self.max_condition_number) or self.max_condition_number < 1):
-            raise ValueError("max_condition_number must be None or a real number >= 1, got "
-                             f"{self.max_condition_number!r}")
-        self.inv_device = self._check_inv_device(self.inv_device)
-        _check_choice("comm_dtype", self.comm_dtype, FACTOR_DTYPES)
-        _check_choice("inverse_workers", self.inverse_workers, INVERSE_WORKERS)
-        _check_choice("woodbury_reduction", self.woodbury_reduction, WOODBURY_REDUCTIONS)
+        for f in fields(self):
+            setattr(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
+        if self.woodbury_rank is not None and self.woodbury_rank > self.woodbury_max_rank:
+            raise ValueError(f"woodbury_rank={self.woodbury_rank} must be <= "
+                             f"woodbury_max_rank={self.woodbury_max_rank} (or None)")
         if self.woodbury_reduction == "row_sharded" and self.inverse_workers == "owner":
             raise ValueError("woodbury_reduction='row_sharded' spreads a low-rank G's rows over "
                              "all ranks, inverse_workers='owner' keeps each layer on one rank: "
                              "choose one (accepted with row_sharded: 'replicate', 'assign')")
-        if self.comm_bucket_mb is not None and (not _is_real(self.comm_bucket_mb)
-                                                or self.comm_bucket_mb <= 0):
-            raise ValueError("comm_bucket_mb must be None (one buffer per destination) or a "
-                             f"real number of MiB > 0, got {self.comm_bucket_mb!r}")
-        if not isinstance(self.eigenvalue_correction, bool):
-            raise TypeError("eigenvalue_correction must be a bool, got "
-                            f"{self.eigenvalue_correction!r}")
         if self.eigenvalue_correction and self.damping_mode != "exact":
             raise ValueError("eigenvalue_correction=True (EKFAC) needs damping_mode='exact' "
                              f"(got damping_mode={self.damping_mode!r})")
@@ -155,70 +308,34 @@ class KFACOptions:
                 "eigenvalue_correction=True (EKFAC) is not supported with inverse_workers="
                 "'owner': its per-row statistics live on every rank and the eigenbasis on the "
                 "layer's owner only; use inverse_workers='replicate' or 'assign'")
-        if self.grad_scaler is not None and not hasattr(self.grad_scaler, "get_scale"):
-            raise TypeError("grad_scaler must be a torch.amp.GradScaler (or None), got "
-                            f"{type(self.grad_scaler).__name__}")
-        self.skip_layers = self._check_skip_layers(self.skip_layers)
 
-    @staticmethod
-    def _check_inv_device(device: Any) -> torch.device | None:
-        """``"auto"`` (the layer's device) -> None; else a ``torch.device``."""
-        if device == "auto":
-            return None
-        try:
-            return torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"inv_device={device!r} is not accepted; accepted: 'auto', 'cpu', "
-                             "a CUDA device such as 'cuda:0', or a torch.device") from None
+    @classmethod
+    def build(cls, options: KFACOptions | None, overrides: dict[str, Any],
+              where: str) -> KFACOptions:
+        """``options`` (default: all defaults) with ``overrides`` applied.
 
-    @staticmethod
-    def _check_skip_layers(skip: Any) -> tuple:
-        if isinstance(skip, (str, type)):
-            skip = (skip,)
-        try:
-            items = tuple(skip)
-        except TypeError:
-            raise TypeError("skip_layers must be an iterable of module-name regexes (str) or "
-                            f"nn.Module subclasses, got {skip!r}") from None
-        for item in items:
-            if isinstance(item, str):
-                try:
-                    re.compile(item)
-                except re.error as err:
-                    raise ValueError(
-                        f"skip_layers: {item!r} is not a valid regex ({err})") from None
-            elif not (isinstance(item, type) and issubclass(item, nn.Module)):
-                raise TypeError("skip_layers entries must be module-name regexes (str) or "
-                                f"nn.Module subclasses, got {item!r}")
-        return items
+        Raises:
+            TypeError: an unknown keyword (with the closest option names), or ``options``
+                not a ``KFACOptions``.
+        """
+        names = [f.name for f in fields(cls)]
+        for key in overrides:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=3)
+                hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else (
+                    f"; accepted options: {', '.join(names)}")
+                raise TypeError(f"{where} got an unexpected keyword argument {key!r}{hint}")
+        if options is None:
+            return cls(**overrides)
+        if not isinstance(options, cls):
+            raise TypeError(f"{where}: options must be a KFACOptions, got "
+                            f"{type(options).__name__}")
+        return replace(options, **overrides)
 
     @property
     def comm_bucket_bytes(self) -> int | None:
         """``comm_bucket_mb`` in bytes (None: no cap)."""
         return None if self.comm_bucket_mb is None else max(1, int(self.comm_bucket_mb * 2**20))
-
-    def uses_low_rank_g(self, out_features: int) -> bool:
-        """Whether a layer starts with a low-rank (Woodbury) G under ``inverse_policy``."""
-        if self.inverse_policy == "hybrid":
-            return out_features >= self.hybrid_min_out
-        return self.inverse_policy in ("woodbury", "auto")
-
-    def truncates(self, out_features: int) -> bool:
-        """Whether a low-rank G of this layer is kept at ``woodbury_rank`` columns
-        (truncated EMA) instead of growing until ``max_low_rank`` and turning dense."""
-        return (self.woodbury_rank is not None
-                and self.woodbury_rank <= self.max_low_rank(out_features))
-
-    def max_low_rank(self, out_features: int) -> int:
-        """Columns past which a low-rank G becomes dense: ``woodbury_max_rank``, and under
-        ``"auto"`` also ``auto_rho * o`` and ``auto_t_max`` (Woodbury costs O(o k^2 + k^3)
-        against eig's O(o^3), so it pays while ``k <= rho o``; rho = 0.75 from the
-        crossover measured by benchmarks/inverse_policies.py: at k = o Woodbury's inverse
-        was 1.86x slower than eig, at k = 0.75 o 0.88x)."""
-        limit = self.woodbury_max_rank
-        if self.inverse_policy == "auto":
-            limit = min(limit, self.auto_t_max, int(self.auto_rho * out_features))
-        return limit
 
     def skips(self, name: str, module: nn.Module) -> bool:
         """Whether ``skip_layers`` leaves this module to the base update."""
@@ -228,3 +345,53 @@ class KFACOptions:
             if isinstance(item, type) and isinstance(module, item):
                 return True
         return False
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """``lr``, ``damping`` and ``kl_clip`` resolved once for one step (what it used)."""
+
+    lr: float | None
+    damping: float
+    kl_clip: float | None
+
+    @classmethod
+    def resolve(cls, options: KFACOptions, lr: Any = None, damping: Any = None,
+                kl_clip: Any = ...) -> StepSettings:
+        """The step's values: the arguments where given (checked), else the options'.
+
+        Raises:
+            ValueError: a bad value, or a KL clip without any lr.
+        """
+        damping = options.damping if damping is None else check_nonneg("damping", damping)
+        kl_clip = options.kl_clip if kl_clip is ... else check_kl_clip(kl_clip)
+        lr = options.lr if lr is None else check_nonneg("lr", lr)
+        if kl_clip is not None and lr is None:
+            raise ValueError("kl_clip needs lr: pass step(lr=...) or lr= at construction")
+        return cls(lr, damping, kl_clip)
+
+
+def options_signature(func: Callable, skip: tuple[str, ...] = ()) -> inspect.Signature:
+    """``func``'s signature with its ``**options`` replaced by one keyword-only parameter
+    per ``KFACOptions`` field (name, annotation, default), minus ``skip``."""
+    sig = inspect.signature(func)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    for f in fields(KFACOptions):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not MISSING else inspect.Parameter.empty
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                        default=default, annotation=f.type))
+    return sig.replace(parameters=params)
+
+
+def options_doc(skip: tuple[str, ...] = (), indent: str = "    ") -> str:
+    """The ``Options:`` section listing every option, indented like a class docstring's
+    body (appended to ``KFACPreconditioner.__doc__`` and ``KFAC.__doc__``)."""
+    lines = ["Options (keyword-only; ``kfac_optim.KFACOptions``):"]
+    for f in fields(KFACOptions):
+        if f.name not in skip:
+            doc = textwrap.fill(f"{f.name} (default {f.default!r}): {f.metadata['doc']}",
+                                88, subsequent_indent="        ")
+            lines.append("    " + doc)
+    return textwrap.indent("\n".join(lines), indent)

@@ -74,25 +74,24 @@ def max_diff(a, b):
 
 def g_value(layer):
     """G of a layer; a row-sharded U is gathered first (every rank calls this together)."""
-    if getattr(layer.g, "rows", None) is None:
-        return layer.g.value()
-    u = all_gather_rows(layer.g.factor(), layer.capture.out_features, dist.group.WORLD)
+    if layer.rows is None:
+        return layer.G
+    u = all_gather_rows(layer.G_factor, layer.shape[0], dist.group.WORLD)
     return u @ u.t()
 
 
 def factor_pairs(pre, ref):
     """(distributed, reference) factor pairs of the layers whose factors this rank holds
     (every layer, except in owner mode: the layers it owns)."""
-    return [(t, r) for name, layer in pre._layers.items() if layer.a.value() is not None
-            for t, r in ((layer.a.value(), ref._layers[name].a.value()),
-                         (g_value(layer), ref._layers[name].g.value()))]
+    return [(t, r) for name, layer in pre.layers.items() if layer.A is not None
+            for t, r in ((layer.A, ref.layers[name].A), (g_value(layer), ref.layers[name].G))]
 
 
 def fingerprint(pre):
     """Sums and sums of squares of every held factor: equal iff (almost surely) bitwise."""
     return [[float(t.double().sum()), float(t.double().square().sum())]
-            for _, layer in sorted(pre._layers.items()) if layer.a.value() is not None
-            for t in (layer.a.value(), g_value(layer))]
+            for _, layer in sorted(pre.layers.items()) if layer.A is not None
+            for t in (layer.A, g_value(layer))]
 
 
 def across_ranks(values, op):
@@ -174,11 +173,11 @@ def compare_preconditioner(rank, steps=3, wrap="ddp", build=model_fn, **kw):
     # layers whose factors some rank holds, summed over ranks: 2 x ranks replicated, 2 owned
     (worst["held"],) = across_ranks([len(pairs) / 2], dist.ReduceOp.SUM)
     # low-rank Gs over ranks: every rank must agree on each G's form
-    (worst["low_rank"],) = across_ranks([sum(la.low_rank for la in pre._layers.values())],
+    (worst["low_rank"],) = across_ranks([sum(la.low_rank for la in pre.layers.values())],
                                         dist.ReduceOp.SUM)
     worst["bytes"] = dict(pre.comm.bytes)
-    worst["u_rows"] = {name: layer.g.cols.shape[0] for name, layer in pre._layers.items()
-                       if layer.low_rank and layer.g.cols is not None}
+    worst["u_rows"] = {name: layer.G_factor.shape[0] for name, layer in pre.layers.items()
+                       if layer.G_factor is not None}
     worst["policies"] = [row["policy"] for row in pre.describe()]
     worst["calls"] = dict(pre.comm.calls_by_kind)
     worst["fingerprint"] = fingerprint(pre)

@@ -33,7 +33,7 @@ def _examples():
 
 
 def _factors(pre):
-    return {n: (layer.a.value(), layer.g.value()) for n, layer in pre._layers.items()}
+    return {n: (layer.A, layer.G) for n, layer in pre.layers.items()}
 
 
 def test_trainer_accumulation_matches_one_batch_and_eval_leaves_factors(tmp_path):

@@ -87,7 +87,7 @@ def test_no_capture_on_non_update_steps_and_after_remove():
     pre.remove()
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
-    assert all(not layer.a.pending for layer in pre._layers.values())
+    assert all(not layer.pending for layer in pre.layers.values())
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -353,7 +353,7 @@ def test_nan_batch_never_reaches_weights():
     assert opt.skipped_steps == 1
     for p, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, b)
-    assert sum(layer.nonfinite_skips for layer in opt.preconditioner._layers.values()) > 0
+    assert sum(layer.nonfinite_skips for layer in opt.preconditioner.layers.values()) > 0
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.step()  # the last good inverse is still there

@@ -188,9 +188,9 @@ def test_truncated_auto_stays_woodbury_and_matches_dense_reference():
         pre.step()
         ref_g, _ = _top_r(decay * ref_g + (1 - decay) * g_batch, r)
         weight = decay * weight + (1 - decay)
-        layer = pre._layers["wide"]
-        assert layer.low_rank and layer.g.rank == min(r, 8 * layer.g.updates)
-        want = kron_exact(v, layer.a.value(), ref_g / weight, lam)
+        layer = pre.layers["wide"]
+        assert layer.low_rank and layer.rank == min(r, 8 * layer.factor_updates)
+        want = kron_exact(v, layer.A, ref_g / weight, lam)
         torch.testing.assert_close(grad_matrix(model.wide.weight, model.wide.bias), want,
                                    rtol=1e-7, atol=1e-9)
     row = {r["layer"]: r for r in pre.describe()}
@@ -236,16 +236,18 @@ def test_nan_in_factor_keeps_last_good_inverse():
         opt.zero_grad()
         F.cross_entropy(model(xb), yb).backward()
         opt.step()
-    layer = opt.preconditioner._layers["wide"]
-    good = {k: v.clone() for k, v in layer.inv.items() if isinstance(v, torch.Tensor)}
-    layer.a.ema[0, 0] = float("nan")  # corrupt the stored factor
+    layer = opt.preconditioner.layers["wide"]
+    good = {k: v.clone() for k, v in layer.inverse.state_dict().items()
+            if isinstance(v, torch.Tensor)}
+    # corrupt the stored factor (the state's tensors are the live ones)
+    opt.preconditioner.state_dict()["layers"]["wide"]["A"]["ema"][0, 0] = float("nan")
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt.step()
     for k, v in good.items():
-        assert torch.equal(layer.inv[k], v)
+        assert torch.equal(layer.inverse.state_dict()[k], v)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -265,7 +267,7 @@ def test_nan_in_gradients_never_reaches_weights():
 
 
 def _factor_values(pre):
-    return {n: (layer.a.value(), layer.g.value()) for n, layer in pre._layers.items()}
+    return {n: (layer.A, layer.G) for n, layer in pre.layers.items()}
 
 
 def test_grad_scaler_unscales_statistics_and_drops_overflowed_steps():
@@ -342,8 +344,9 @@ def test_half_precision_factor_storage(dtype):
     ref_model, _ = run()
     model, pre = run(factor_dtype=dtype, inverse_policy="hybrid", hybrid_min_out=20,
                      woodbury_dtype=dtype)
-    layers = pre._layers
-    assert layers["narrow"].a.ema.dtype == dtype and layers["wide"].g.cols.dtype == dtype
+    layers = pre.layers
+    assert layers["narrow"].storage_dtypes["A"] == dtype
+    assert layers["wide"].storage_dtypes["G"] == dtype
     # half precision keeps ~3 digits of each factor entry: compare in relative norm
     for p, q in zip(ref_model.parameters(), model.parameters(), strict=True):
         assert (q.grad - p.grad).norm() <= 5e-2 * p.grad.norm()

@@ -84,7 +84,7 @@ class CaptureDuringEval(transformers.TrainerCallback):
 
 
 def factors(pre):
-    return [t for layer in pre._layers.values() for t in (layer.a.value(), layer.g.value())
+    return [t for layer in pre.layers.values() for t in (layer.A, layer.G)
             if t is not None]
 
 
@@ -122,7 +122,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     capturing_after_train = opt.preconditioner.capture_enabled
     trainer.evaluate()
-    pending_after_eval = sum(int(layer.a.pending) for layer in opt.preconditioner._layers.values())
+    pending_after_eval = sum(int(layer.pending) for layer in opt.preconditioner.layers.values())
 
     # Trainer divides the summed token losses of a step by num_items_in_batch; in
     # transformers 5.23 it counts shifted labels only for models whose loss_type maps to
@@ -145,7 +145,7 @@ def main():
         "trainer_counts_shifted_labels": shifted,
         "loss_divisor_ranks": opt.preconditioner.loss_divisor_ranks,
         "micro_batch_tokens": trainer.micro_batch_tokens,
-        "factor_updates": opt.preconditioner._layers["lm_head"].a.updates,
+        "factor_updates": opt.preconditioner.layers["lm_head"].factor_updates,
         "factors": max_diff(factors(opt.preconditioner), factors(ref.preconditioner)),
         "params": max_diff(list(model.parameters()), list(ref_model.parameters())),
         "moved": max_diff(list(model.parameters()), list(model_fn().parameters())),

@@ -1,0 +1,272 @@
+"""The work plan across ranks: who reduces, inverts and preconditions each layer.
+
+- ``Replicate`` (``inverse_workers="replicate"``; a single process is this at world size 1):
+  factor sums are all-reduced, every rank computes every inverse and preconditions every
+  gradient; no communication after the reduction.
+- ``Assign`` (``"assign"``): as replicate, but each layer's inverse is computed by one rank
+  (greedy by cost, KAISA's trade-off, Pauloski et al. 2021) and broadcast; row-sharded
+  low-rank layers need every rank's rows and stay with every rank.
+- ``Owner`` (``"owner"``, KAISA's MEM-OPT): each layer has one owner (greedy by expected
+  cost, fixed at construction); sums are reduced onto it, only it keeps the layer's factors
+  and inverse and preconditions, and the result is broadcast at every step.
+
+Every plan owns its collectives (``kfac_optim.distributed``) and its low-rank reduction
+(``kfac_optim.placement.lowrank``); the preconditioner calls the same methods in every mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..capture import accumulation_dtype
+from ..distributed import (
+    CommStats,
+    all_reduce_counts,
+    all_reduce_symmetric,
+    assign_greedy,
+    broadcast_from_owners,
+    broadcast_tensors,
+    group_rank,
+    reduce_symmetric,
+    world_size,
+)
+from ..layer import KFACLayer
+from ..layers import LayerCapture
+from ..policies import Chooser, Inverse, inverse_from_state
+from .lowrank import GatherReduction
+
+__all__ = ["Replicate", "Assign", "Owner", "inverse_cost"]
+
+Results = list[tuple[LayerCapture, Tensor, Tensor]]
+
+
+def inverse_cost(layer: KFACLayer, k: int) -> float:
+    """Work of one inverse update with G's rank ``k``: O(d^3 + o k^2) (k = o: dense eig;
+    a diagonal A costs nothing): what ``assign_greedy`` balances."""
+    d, o = layer.capture.in_features, layer.capture.out_features
+    return (0 if layer.capture.diagonal_a else d**3) + o * k * k
+
+
+class Replicate:
+    """Every rank holds and computes everything (see the module docstring).
+
+    Args:
+        group: the process group, or None for a single process.
+        options: the ``KFACOptions``.
+        lowrank: the low-rank reduction (``GatherReduction`` or ``RowShardedReduction``).
+        stats: records bytes per collective.
+    """
+
+    name = "replicate"
+
+    def __init__(self, group: Any, options: Any, lowrank: GatherReduction,
+                 stats: CommStats) -> None:
+        self.group, self.options, self.lowrank, self.stats = group, options, lowrank, stats
+        self.rank, self.world = group_rank(group), world_size(group)
+
+    def setup(self, layers: dict[str, KFACLayer], policy: Chooser) -> None:
+        """Called once the layers exist (owner mode assigns them)."""
+
+    def owner(self, layer: KFACLayer) -> int | None:
+        """The rank that holds ``layer``'s factors alone, or None (every rank)."""
+        return None
+
+    def owns(self, layer: KFACLayer) -> bool:
+        """Whether this rank keeps the layer's factors and inverse."""
+        owner = self.owner(layer)
+        return owner is None or owner == self.rank
+
+    @property
+    def owners(self) -> dict[str, int] | None:
+        return None
+
+    # Reduction -----------------------------------------------------------------
+    def reduce_statistics(self, layers: dict[str, KFACLayer]) -> None:
+        """Sum every layer's pending statistics over ranks (docs/design.md, "Distributed").
+
+        Every rank contributes every layer, zeros where it saw no rows, so the collective
+        calls match; dense sums and counts travel in packed buckets, low-rank G blocks go
+        through the low-rank reduction. A layer no rank saw is left with nothing pending.
+        With owners the sums and blocks go to the layer's owner only; the others drop them.
+        """
+        if self.group is None:
+            return
+        opts = self.options
+        dense, low_rank, dsts = [], [], []
+        for layer in layers.values():
+            cap = layer.capture
+            dtype, dev = accumulation_dtype(cap, opts.factor_dtype), cap.weight.device
+            d, o = cap.in_features, cap.out_features
+            if not layer.a.pending:
+                shape = (d,) if cap.diagonal_a else (d, d)
+                layer.a.add_sum(torch.zeros(shape, dtype=dtype, device=dev), 0.0)
+            if not layer.g.pending:
+                layer.g.add(torch.zeros(0, o, dtype=dtype, device=dev), 0.0)
+            sums = [layer.a.pending_sum, layer.a.pending_count, layer.g.pending_count]
+            if layer.low_rank:
+                low_rank.append(layer)
+            else:
+                sums.append(layer.g.pending_sum)
+            dense += sums
+            dsts += [self.owner(layer)] * len(sums)
+        reduced = iter(reduce_symmetric(
+            dense, self.group, dst=None if self.owners is None else dsts,
+            comm_dtype=opts.comm_dtype, bucket_bytes=opts.comm_bucket_bytes, stats=self.stats))
+        for layer in layers.values():  # None where another rank owns the layer
+            layer.a.pending_sum, layer.a.pending_count = next(reduced), next(reduced)
+            layer.g.pending_count = next(reduced)
+            if not layer.low_rank:
+                layer.g.pending_sum = next(reduced)
+        for layer in low_rank:
+            block = torch.cat(layer.g.pending_rows).t()
+            reduced_block = self.lowrank.reduce_block(layer, block, self.owner(layer))
+            layer.g.pending_rows = [] if reduced_block is None else [reduced_block.t()]
+        kept = [layer for layer in layers.values() if self.owns(layer)]
+        seen = [layer.a.pending_count > 0 for layer in kept]
+        for layer, ok in zip(kept, torch.stack(seen).tolist() if seen else [], strict=True):
+            if not ok:
+                layer.a.take_batch()
+                layer.g.take_batch()
+                if layer.ekfac_rows:
+                    layer.ekfac_rows.clear()
+
+    def reduce_moments(self, moments: Tensor) -> Tensor:
+        """EKFAC's eigenbasis second moments (o, d) summed over ranks."""
+        if self.group is None:
+            return moments
+        (flat,) = all_reduce_symmetric([moments.reshape(-1)], self.group,
+                                       bucket_bytes=self.options.comm_bucket_bytes,
+                                       stats=self.stats)
+        return flat.reshape(moments.shape)
+
+    # Inverses ------------------------------------------------------------------
+    def compute_inverses(self, layers: list[KFACLayer]) -> dict[str, Inverse | None]:
+        """The new inverse of every layer in ``layers`` (None where a solver failed)."""
+        return {layer.name: layer.compute_inverse(self.lowrank.gram_reducer(layer))
+                for layer in layers}
+
+    # Preconditioning -----------------------------------------------------------
+    def precondition(self, layers: dict[str, KFACLayer], damping: float) -> Results:
+        """``(capture, V, V_pre)`` for every layer with an inverse and a gradient."""
+        results = []
+        for layer in layers.values():
+            cap = layer.capture
+            if layer.inverse is None or not cap.has_grad():
+                continue
+            grad = cap.grad_matrix()
+            results.append((cap, grad, self.lowrank.precondition(layer, grad, damping)))
+        return results
+
+    # State -----------------------------------------------------------------------
+    def state(self) -> dict | None:
+        """What ``state_dict()["owners"]`` records (None: every rank holds every layer)."""
+        return None
+
+    def check_state(self, saved: dict | None) -> None:
+        """Raises:
+            RuntimeError: an owner-mode state loaded without owner mode.
+        """
+        if saved is not None:
+            raise RuntimeError(
+                f"K-FAC state was saved by rank {saved['rank']} in inverse_workers='owner' mode "
+                "and holds only that rank's layers: load it with inverse_workers='owner' on "
+                "the same rank and number of ranks")
+
+
+class Assign(Replicate):
+    """Each layer's inverse computed by one rank and broadcast."""
+
+    name = "assign"
+
+    def compute_inverses(self, layers: list[KFACLayer]) -> dict[str, Inverse | None]:
+        # a row-sharded layer's inverse needs every rank's rows: not assigned
+        results = super().compute_inverses([la for la in layers if la.row_sharded])
+        assigned = [la for la in layers if not la.row_sharded]
+        costs = {la.name: inverse_cost(la, la.g.rank if la.low_rank else la.capture.out_features)
+                 for la in assigned}
+        owners = assign_greedy(costs, self.world)
+        mine = super().compute_inverses([la for la in assigned if owners[la.name] == self.rank])
+        device = assigned[0].capture.weight.device if assigned else torch.device("cpu")
+        mode = self.options.damping_mode
+        for src in range(self.world):
+            payload = None
+            if src == self.rank:
+                payload = {n: ({"failed": True} if inv is None else inv.state_dict())
+                           for n, inv in mine.items()}
+            got = broadcast_tensors(payload, src, self.group, device, stats=self.stats)
+            results.update({n: None if s.get("failed") else inverse_from_state(s, mode)
+                            for n, s in got.items()})
+        return results
+
+
+class Owner(Replicate):
+    """One owner rank per layer holds its factors and inverse (memory saving)."""
+
+    name = "owner"
+
+    def setup(self, layers: dict[str, KFACLayer], policy: Chooser) -> None:
+        """Owners greedy by the expected inverse cost (a low-rank G at its column limit,
+        the most it costs before turning dense)."""
+        costs = {name: inverse_cost(layer, policy.expected_rank(layer.capture.out_features))
+                 for name, layer in layers.items()}
+        self._owners = assign_greedy(costs, self.world)
+
+    def owner(self, layer: KFACLayer) -> int | None:
+        return self._owners[layer.name]
+
+    @property
+    def owners(self) -> dict[str, int] | None:
+        return dict(self._owners)
+
+    def precondition(self, layers: dict[str, KFACLayer], damping: float) -> Results:
+        """Each layer's owner preconditions its gradient, then broadcasts it.
+
+        One float64 all-reduce of per-layer flags first makes every rank agree on which
+        layers are ready (the owner has an inverse, every rank a gradient) and on the form
+        of each G: a low-rank G that outgrew its column limit turned dense on its owner,
+        and the other ranks follow so that the next reduction sends the same tensors.
+        Every rank gathers the ready layers' full gradients in the same order (FSDP2's
+        gathers are collectives).
+        """
+        items = list(layers.values())
+        flags = all_reduce_counts(torch.tensor(
+            [[float(self.owns(la) and la.inverse is not None), float(la.capture.has_grad()),
+              float(self.owns(la) and not la.low_rank)] for la in items]),
+            self.group, kind="flags", stats=self.stats)
+        ready = []
+        for layer, (has_inv, grads, dense) in zip(items, flags.tolist(), strict=True):
+            if dense:
+                layer.densify()
+            if has_inv and grads == self.world:
+                ready.append(layer)
+        results = []
+        for layer in ready:
+            grad = layer.capture.grad_matrix()
+            pre = (self.lowrank.precondition(layer, grad, damping).to(grad.dtype)
+                   if self.owns(layer) else torch.empty_like(grad))
+            results.append((layer.capture, grad, pre))
+        broadcast_from_owners([pre for _, _, pre in results], [self.owner(la) for la in ready],
+                              self.group, bucket_bytes=self.options.comm_bucket_bytes,
+                              stats=self.stats)
+        return results
+
+    def state(self) -> dict | None:
+        return {"rank": self.rank, "layers": dict(self._owners)}
+
+    def check_state(self, saved: dict | None) -> None:
+        """An owner-mode state holds one rank's layers: it loads only on that rank, with the
+        same assignment, in owner mode.
+
+        Raises:
+            RuntimeError: saved on another rank or with another assignment.
+        """
+        if saved is None:
+            return
+        if saved["rank"] != self.rank or saved["layers"] != self._owners:
+            raise RuntimeError(
+                f"K-FAC owner-mode state of rank {saved['rank']} (owners {saved['layers']}) "
+                f"loaded on rank {self.rank} (owners {self._owners}): load each rank's own "
+                "state with the same number of ranks")
