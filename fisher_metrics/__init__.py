@@ -32,7 +32,9 @@ Public API:
 - :mod:`~fisher_metrics.importance`: ``pruning_masks``, ``scale_by_fisher``,
   ``detect_conflicts``, ``qkov_interference``.
 
-This package never imports ``kfac_optim``.
+It imports ``kfac_optim``'s layer registry (``kfac_optim.layers``: layer kinds, the
+weight-matrix convention, causal-LM detection, the ignore index) and saved-state schema
+(``kfac_optim.state``); ``kfac_optim`` never imports ``fisher_metrics``.
 """
 
 from .capacity import (

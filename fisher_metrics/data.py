@@ -3,10 +3,11 @@
 The text is ``pydoc_data.topics`` (the help topics that ship with CPython, about
 465k characters), UTF-8 encoded byte by byte (ids 0..255) with an end-of-document
 id 256 after each topic, in sorted topic order: the corpus and tokenisation of
-``python -m kfac_optim.demo``, re-implemented here because this package never
-imports ``kfac_optim``. A model saved with its own ``tokenizers`` vocabulary
-(``tokenizer.json``, as ``python -m kfac_optim.demo --vocab bpe`` saves it) gets the
-same text in that vocabulary (:func:`tokenizer_corpus_tokens`). Nothing is downloaded.
+``python -m kfac_optim.demo``, re-implemented here: ``fisher_metrics`` imports only
+``kfac_optim``'s layer registry and state schema. A model saved with its own
+``tokenizers`` vocabulary (``tokenizer.json``, as ``python -m kfac_optim.demo --vocab
+bpe`` saves it) gets the same text in that vocabulary (:func:`tokenizer_corpus_tokens`).
+Nothing is downloaded.
 """
 
 from __future__ import annotations

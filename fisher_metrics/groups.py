@@ -47,8 +47,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from kfac_optim.layers import layer_kind, matrix_shape
+
 from ._validation import check_choice, check_int
-from .kfac import layer_kind
 from .representation import FisherRepresentation
 
 __all__ = [
@@ -242,11 +243,11 @@ _SEPARATE = (
 
 def _out_width(module: nn.Module) -> int:
     """Output features of a Linear (weight ``(o, d)``) or Conv1D (weight ``(d, o)``)."""
-    return module.weight.shape[0 if layer_kind(module) == "linear" else 1]
+    return matrix_shape(layer_kind(module), module.weight.shape)[0]
 
 
 def _in_width(module: nn.Module) -> int:
-    return module.weight.shape[1 if layer_kind(module) == "linear" else 0]
+    return matrix_shape(layer_kind(module), module.weight.shape)[1]
 
 
 def _head_grouping(module: nn.Module, heads: int, head_dim: int, *, output: bool) -> Grouping:

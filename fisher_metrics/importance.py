@@ -24,10 +24,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad
 
+from kfac_optim.layers import layer_kind
+
 from ._validation import check_choice, check_positive_float
 from .diagonal import per_row_gradients
 from .groups import BLOCKS, Grouping, diagonal_of, head_scores, param_groupings
-from .kfac import layer_kind
 from .operators import EmptyBatchError, evaluation_mode, make_operator, resolve_parameters
 from .representation import FisherRepresentation
 

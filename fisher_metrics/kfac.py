@@ -16,19 +16,21 @@ so that, with ``A = Q_A diag(s_A) Q_A^T`` and ``G = Q_G diag(s_G) Q_G^T``:
 The model's Fisher is approximated block-diagonally, one block per layer, so the
 whole-model eigenvalues are the union of the layers'.
 
-Factors are read from a ``kfac_optim.KFACPreconditioner`` (duck-typed: this
-package never imports ``kfac_optim``) or from its ``state_dict()``:
-``{"steps", "layers": {name: {"A": {"ema", "weight", "updates"}, "G": {...},
-"G_low_rank", ...}}}``. Bias-corrected factors are ``A = A.ema / A.weight``
-(a vector, the diagonal, for ``nn.Embedding``) and ``G = G.ema / G.weight``, or,
-for a low-rank G (Woodbury policy), ``G = U U^T`` with ``U = cols / sqrt(weight)``
-(``o x k``). A low-rank G's eigenvalues come from the ``k x k`` Gram ``U^T U``
-(same non-zero eigenvalues; ``o - k`` zeros), never from a dense ``o x o``
-matrix. The stored eigendecompositions (``inv``) are not used: they may be
-stale (``inv_update_steps``) or clipped (``max_condition_number``).
+Factors are read from a ``kfac_optim.KFACPreconditioner`` (duck-typed: any
+object with ``state_dict()`` and ``model``) or from its ``state_dict()``, through
+``kfac_optim.state`` (the saved-state schema; ``read_factors``): ``{"steps",
+"layers": {name: {"A": {"ema", "weight", "updates"}, "G": {...}, "G_low_rank",
+...}}}``. Bias-corrected factors are ``A = A.ema / A.weight`` (a vector, the
+diagonal, for ``nn.Embedding``) and ``G = G.ema / G.weight``, or, for a low-rank
+G (Woodbury policy), ``G = U U^T`` with ``U = cols / sqrt(weight)`` (``o x k``).
+A low-rank G's eigenvalues come from the ``k x k`` Gram ``U^T U`` (same non-zero
+eigenvalues; ``o - k`` zeros), never from a dense ``o x o`` matrix. The stored
+eigendecompositions (``inv``) are not used: they may be stale
+(``inv_update_steps``) or clipped (``max_condition_number``).
 
-Layer conventions (those of ``kfac_optim.layers``): ``nn.Linear`` weight
-``(o, d_in)``; Hugging Face ``Conv1D`` stores ``(d_in, o)`` (transposed);
+Layer kinds and the weight-matrix convention are ``kfac_optim.layers``'
+(``layer_kind``, ``weight_matrix``, ``parameters_from_matrix``): ``nn.Linear``
+weight ``(o, d_in)``; Hugging Face ``Conv1D`` stores ``(d_in, o)`` (transposed);
 ``nn.Conv2d`` weight ``(o, C, kh, kw)`` reshaped to ``(o, C kh kw)``;
 ``nn.Embedding`` weight ``(V, D)`` is ``W^T`` with ``o = D``, ``d = V``. The
 bias, when present, is the last column of ``W``.
@@ -41,7 +43,6 @@ sampled from the model.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -49,31 +50,21 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from kfac_optim.layers import (
+    LAYER_KINDS,
+    layer_kind,
+    matrix_shape,
+    parameters_from_matrix,
+    weight_matrix,
+)
+from kfac_optim.state import g_rows, preconditioner_state, read_factors
+
 from ._validation import check_dtype, check_int, check_positive_float
 from .representation import FisherRepresentation, log_sum
 
 __all__ = ["KFACFisher", "LAYER_KINDS", "layer_kind"]
 
-LAYER_KINDS = ("linear", "conv1d", "conv2d", "embedding")
 _CHUNK = 2**22  # entries of s_A s_G^T handled at once by logdet
-
-
-def layer_kind(module: nn.Module) -> str | None:
-    """K-FAC layer kind of ``module``: one of :data:`LAYER_KINDS`, or ``None`` if unsupported.
-
-    ``"conv1d"`` is the Hugging Face ``transformers.pytorch_utils.Conv1D`` (recognised
-    by its class name and module, without importing transformers).
-    """
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    cls = type(module)
-    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
-        return "conv1d"
-    return None
 
 
 @dataclass(eq=False)
@@ -99,24 +90,15 @@ class _Layer:
 
     def to_matrix(self, tensors: Mapping[str, Tensor]) -> Tensor:
         """Parameter tensors -> ``V: (o, d)`` (bias last column)."""
-        w = tensors[self.weight]
-        if self.kind in ("conv1d", "embedding"):
-            w = w.T
-        elif self.kind == "conv2d":
-            w = w.reshape(self.out_features, -1)
-        if self.bias is None:
-            return w
-        return torch.cat([w, tensors[self.bias].reshape(-1, 1)], dim=1)
+        bias = None if self.bias is None else tensors[self.bias]
+        return weight_matrix(self.kind, tensors[self.weight], bias)
 
     def from_matrix(self, V: Tensor) -> dict[str, Tensor]:
         """``V: (o, d)`` -> parameter tensors."""
-        out = {}
-        if self.bias is not None:
-            out[self.bias] = V[:, -1].contiguous()
-            V = V[:, :-1]
-        if self.kind in ("conv1d", "embedding"):
-            V = V.T
-        out[self.weight] = V.reshape(self.weight_shape).contiguous()
+        weight, bias = parameters_from_matrix(self.kind, V, self.weight_shape,
+                                              self.bias is not None)
+        out = {} if bias is None else {self.bias: bias.contiguous()}
+        out[self.weight] = weight.contiguous()
         return out
 
     def factor_spectra(self) -> tuple[Tensor, Tensor, int]:
@@ -152,20 +134,6 @@ class _Layer:
         return gv * self.a if self.a.dim() == 1 else gv @ self.a
 
 
-def _factor_value(entry: object, key: str, layer: str) -> tuple[Tensor, float] | None:
-    """``(stored tensor, bias-correction weight)``, or None before the first factor update."""
-    if not isinstance(entry, Mapping):
-        raise TypeError(f"K-FAC state layer {layer!r}: a factor must be a dict with {key!r}")
-    ema, weight = entry.get(key), entry.get("weight", 0.0)
-    if ema is None:
-        return None
-    if not isinstance(ema, Tensor) or not ema.is_floating_point():
-        raise TypeError(f"K-FAC state layer {layer!r}: factor {key!r} must be a float tensor")
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-        raise ValueError(f"K-FAC state layer {layer!r}: factor weight must be > 0; got {weight!r}")
-    return ema, float(weight)
-
-
 class KFACFisher(FisherRepresentation):
     """Block-diagonal K-FAC Fisher ``diag(A_l (x) G_l)`` from stored K-FAC factors.
 
@@ -194,7 +162,7 @@ class KFACFisher(FisherRepresentation):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         check_dtype("dtype", dtype)
-        state = _layer_state(state)
+        state = preconditioner_state(state)
         while isinstance(model, DistributedDataParallel):
             model = model.module
         named = list(model.named_parameters())
@@ -307,49 +275,31 @@ class KFACFisher(FisherRepresentation):
             )
         weight = module.weight
         bias = getattr(module, "bias", None)
-        if kind == "embedding":
-            o, d = weight.shape[1], weight.shape[0]
-        elif kind == "conv1d":
-            o, d = weight.shape[1], weight.shape[0]
-        else:
-            o, d = weight.shape[0], weight.numel() // weight.shape[0]
-        d += int(bias is not None)
-        if not isinstance(entry, Mapping) or "A" not in entry or "G" not in entry:
-            raise TypeError(f"K-FAC state layer {name!r} must be a dict with 'A' and 'G' entries")
-        low_rank = bool(entry.get("G_low_rank", "cols" in entry["G"]))
-        rows = entry["G"].get("rows") if isinstance(entry["G"], Mapping) else None
-        if low_rank and rows is not None:
+        o, d = matrix_shape(kind, weight.shape, bias is not None)
+        rows = g_rows(entry, name)
+        if rows is not None:
             raise ValueError(
                 f"layer {name!r}: the state's low-rank G holds rows {tuple(rows)} of U only (one "
                 "rank's state under woodbury_reduction='row_sharded'); use a single-process or "
                 "woodbury_reduction='gather' state"
             )
-        a_value = _factor_value(entry["A"], "ema", name)
-        g_value = _factor_value(entry["G"], "cols" if low_rank else "ema", name)
-        if a_value is None or g_value is None:
+        factors = read_factors(entry, name, dtype=dtype)
+        if factors is None:
             return "no factor update yet (the layer never saw a captured forward/backward)"
-        (a, a_weight), (g, g_weight) = a_value, g_value
-
-        def cast(t: Tensor) -> Tensor:
-            target = dtype or (t.dtype if t.dtype == torch.float64 else torch.float32)
-            return t.detach().to(target)
-
-        a = cast(a) / a_weight
+        a, g, u = factors.a, factors.g, factors.u
         expected_a = (d,) if kind == "embedding" else (d, d)
         if tuple(a.shape) != expected_a:
             raise ValueError(
                 f"layer {name!r}: factor A has shape {tuple(a.shape)}, the module needs "
                 f"{expected_a} (a bias in one and not the other? state of another model?)"
             )
-        if low_rank:
-            u, g = cast(g).to(a.device) / math.sqrt(g_weight), None
+        if u is not None:
             if u.dim() != 2 or u.shape[0] != o:
                 raise ValueError(
                     f"layer {name!r}: low-rank G columns have shape {tuple(u.shape)}, "
                     f"the module needs ({o}, k)"
                 )
         else:
-            g, u = cast(g).to(a.device) / g_weight, None
             if tuple(g.shape) != (o, o):
                 raise ValueError(
                     f"layer {name!r}: factor G has shape {tuple(g.shape)}, the module needs "
@@ -366,7 +316,7 @@ class KFACFisher(FisherRepresentation):
             a=a,
             g=g,
             u=u,
-            updates=int(entry["A"].get("updates", 0)),
+            updates=factors.updates,
         )
 
     # ------------------------------------------------------------ factors
@@ -497,18 +447,3 @@ class KFACFisher(FisherRepresentation):
         lay = self._layers[layer]
         return lay.from_matrix(lay.mvp(lay.to_matrix(tensors)))
 
-
-def _layer_state(state: object) -> Mapping:
-    if not isinstance(state, Mapping):
-        raise TypeError(
-            "state must be a KFACPreconditioner.state_dict() (a dict with 'layers'); "
-            f"got {type(state).__name__}"
-        )
-    if "layers" not in state and isinstance(state.get("kfac"), Mapping):
-        state = state["kfac"]  # a KFAC optimizer's state_dict()
-    if not isinstance(state.get("layers"), Mapping):
-        raise TypeError(
-            "state must be a KFACPreconditioner.state_dict(): a dict with a 'layers' dict "
-            f"(keys found: {sorted(map(str, state))})"
-        )
-    return state

@@ -47,9 +47,9 @@ Losses (per row):
 Hugging Face models: a dict batch is called as ``model(**batch)`` without its
 ``labels`` (and with ``use_cache=False`` where the model accepts it); the loss is
 the model's own: token-level cross-entropy over valid tokens, with labels shifted
-by one for causal language models (``labels[:, 1:]`` against
-``logits[:, :-1]``), exactly what ``model(**batch).loss`` computes when no label
-sits on a padded position.
+by one for causal language models (``kfac_optim.layers.is_causal_lm``;
+``labels[:, 1:]`` against ``logits[:, :-1]``), exactly what ``model(**batch).loss``
+computes when no label sits on a padded position.
 
 The model is evaluated in eval mode (dropout off) during every product and its
 training flags are restored afterwards; the curvature is taken at the current
@@ -70,11 +70,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kfac_optim.layers import IGNORE_INDEX, is_causal_lm
+
 from ._validation import LANCZOS_DTYPES, check_choice, check_dtype, check_int, check_seed
 
 CURVATURES = ("ggn", "fisher_mc", "empirical_fisher", "hessian")
 LOSSES = ("cross_entropy", "mse")
-IGNORE_INDEX = -100
 DENSE_MAX_DIM = 8192
 
 __all__ = [
@@ -512,21 +513,6 @@ def _logits(raw: object) -> Tensor:
     )
 
 
-def _is_causal_lm(model: nn.Module) -> bool:
-    """Whether ``model`` is a Hugging Face causal LM (its labels are shifted by one)."""
-    name = type(model).__name__
-    if name.endswith(("ForCausalLM", "LMHeadModel")):
-        return True
-    if not type(model).__module__.startswith("transformers."):
-        return False
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        if name in (value if isinstance(value, (tuple, list)) else [value]):
-            return True
-    return False
-
-
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode (dropout off) and the math attention kernel, undone on exit.
@@ -804,7 +790,7 @@ class CurvatureOperator(LinearOperator):
                         is_dict
                         and targets.dim() == 2
                         and out.dim() == 3
-                        and _is_causal_lm(self._model)
+                        and is_causal_lm(self._model)
                     )
                 attention = kwargs.get("attention_mask") if is_dict else None
                 if not isinstance(attention, Tensor) or attention.dim() != 2:

@@ -24,14 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from .factors import embedding_input_statistics, input_rows, output_grad_rows
-from .layers import LayerCapture
+from .layers import IGNORE_INDEX, LayerCapture, is_causal_lm
 from .options import KFACOptions
 
 __all__ = ["IGNORE_INDEX", "StatisticsCapture", "accumulation_dtype"]
 
 log = logging.getLogger("kfac_optim")
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -62,12 +60,6 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
         if isinstance(value, Tensor) and value.dim() >= 1:
             return value.shape[0]
     return None
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    # Hugging Face causal LMs shift labels by one inside their loss.
-    name = type(model).__name__
-    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
 
 def accumulation_dtype(cap: LayerCapture, factor_dtype: torch.dtype | None) -> torch.dtype:
@@ -173,7 +165,7 @@ class StatisticsCapture:
             return
         labels = kwargs.get("labels")
         if isinstance(labels, Tensor):
-            if _is_causal_lm(module):
+            if is_causal_lm(module):
                 labels = labels[..., 1:]
             ctx.num_loss_rows = (labels != IGNORE_INDEX).sum()
             return

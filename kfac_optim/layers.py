@@ -14,18 +14,43 @@ bias) to an output row ``s = W a`` (``o`` features).
   ``(o, d [+1])`` matrix, bias as the last column, and back.
 
 Everything after these views (factors, inverses, preconditioning) is generic.
+
+This module is the layer registry of both packages (``fisher_metrics`` imports it; nothing
+here imports ``fisher_metrics``):
+
+- ``LAYER_KINDS`` / ``layer_kind(module)``: ``"linear"`` (``nn.Linear``), ``"conv1d"``
+  (Hugging Face ``transformers.pytorch_utils.Conv1D``), ``"conv2d"`` (``nn.Conv2d``),
+  ``"embedding"`` (``nn.Embedding``); each ``LayerCapture`` subclass names its ``kind``.
+- The weight-matrix convention on plain tensors: ``matrix_shape``, ``weight_matrix`` and
+  ``parameters_from_matrix``. ``nn.Linear`` weight ``(o, d)`` is ``W``; ``Conv1D`` stores
+  ``(d, o)`` (``W^T``); ``nn.Conv2d`` weight ``(o, C, kh, kw)`` is ``W`` reshaped to
+  ``(o, C kh kw)``; ``nn.Embedding`` weight ``(V, D)`` is ``W^T`` with ``o = D``, ``d = V``.
+  The bias, when present, is the last column. ``grad_matrix`` / ``set_grad_matrix`` are
+  these functions applied to the gradients.
+- Hugging Face losses: ``IGNORE_INDEX`` (labels that are not loss terms) and
+  ``is_causal_lm(model)`` (the model shifts its labels by one).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerCapture", "capture_for", "is_supported", "SUPPORTED_MODULES", "fsdp1_root",
-           "strip_wrapper_names", "layer_kind"]
+__all__ = ["IGNORE_INDEX", "LAYER_KINDS", "LayerCapture", "SUPPORTED_MODULES", "capture_for",
+           "fsdp1_root", "is_causal_lm", "is_supported", "layer_kind", "matrix_shape",
+           "parameters_from_matrix", "strip_wrapper_names", "weight_matrix"]
 
 SUPPORTED_MODULES = ("Linear", "Conv2d", "Embedding", "transformers Conv1D")
+LAYER_KINDS = ("linear", "conv1d", "conv2d", "embedding")
+# Kinds whose stored weight is the transpose of the K-FAC matrix W (o, d).
+_TRANSPOSED = ("conv1d", "embedding")
+
+IGNORE_INDEX = -100
+"""Label value that is not a loss term (PyTorch's ``cross_entropy`` and Hugging Face default)."""
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -34,9 +59,119 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 
+def layer_kind(module: nn.Module) -> str | None:
+    """K-FAC layer kind of ``module``: one of ``LAYER_KINDS``, or None if unsupported.
+
+    ``"conv1d"`` is the Hugging Face ``transformers.pytorch_utils.Conv1D`` (recognised by
+    its class name and module, without importing transformers).
+    """
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if _is_hf_conv1d(module):
+        return "conv1d"
+    return None
+
+
 def is_supported(module: nn.Module) -> bool:
     """Whether ``module`` is a layer type K-FAC preconditions (see ``SUPPORTED_MODULES``)."""
-    return isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) or _is_hf_conv1d(module)
+    return layer_kind(module) is not None
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face causal LM (its loss shifts the labels by one).
+
+    A class name ending with ``ForCausalLM`` or ``LMHeadModel``, or, for a class from
+    ``transformers``, one listed in transformers' ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``
+    (e.g. ``ReformerModelWithLMHead``, ``BertGenerationDecoder``). transformers is imported
+    only for a model whose class comes from it.
+    """
+    return _is_causal_lm_class(type(model))
+
+
+@lru_cache(maxsize=256)
+def _is_causal_lm_class(cls: type) -> bool:
+    name = cls.__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return True
+    if not cls.__module__.startswith("transformers."):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        if name in (value if isinstance(value, (tuple, list)) else [value]):
+            return True
+    return False
+
+
+# The weight-matrix convention, on plain tensors --------------------------------------
+def _check_kind(kind: str) -> None:
+    if kind not in LAYER_KINDS:
+        raise ValueError(f"kind must be one of {LAYER_KINDS}; got {kind!r}")
+
+
+def matrix_shape(kind: str, weight_shape: Sequence[int], has_bias: bool = False
+                 ) -> tuple[int, int]:
+    """``(o, d)`` of the K-FAC matrix of a ``kind`` layer whose weight has ``weight_shape``;
+    ``d`` counts the bias column when ``has_bias``.
+
+    Raises:
+        ValueError: ``kind`` is not one of ``LAYER_KINDS``.
+    """
+    _check_kind(kind)
+    shape = tuple(weight_shape)
+    if kind in _TRANSPOSED:
+        o, d = shape[1], shape[0]
+    else:
+        o = shape[0]
+        d = 1
+        for size in shape[1:]:
+            d *= size
+    return o, d + int(has_bias)
+
+
+def _weight_view(kind: str, weight: Tensor) -> Tensor:
+    """The weight (or its gradient) as ``(o, d)``, a view where possible."""
+    if kind in _TRANSPOSED:
+        return weight.t()
+    if kind == "conv2d":
+        return weight.reshape(weight.shape[0], -1)
+    return weight
+
+
+def _with_bias(w: Tensor, bias: Tensor | None) -> Tensor:
+    return w if bias is None else torch.cat([w, bias.reshape(-1, 1)], dim=1)
+
+
+def weight_matrix(kind: str, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """A ``kind`` layer's parameter tensors (or gradients, or any tensors of their shapes) as
+    the K-FAC matrix ``(o, d [+1])``, bias the last column (module docstring).
+
+    Raises:
+        ValueError: ``kind`` is not one of ``LAYER_KINDS``.
+    """
+    _check_kind(kind)
+    return _with_bias(_weight_view(kind, weight), bias)
+
+
+def parameters_from_matrix(kind: str, V: Tensor, weight_shape: Sequence[int], has_bias: bool
+                           ) -> tuple[Tensor, Tensor | None]:
+    """Inverse of ``weight_matrix``: ``V`` ``(o, d [+1])`` -> ``(weight, bias or None)``, the
+    weight of shape ``weight_shape`` (views of ``V`` where possible).
+
+    Raises:
+        ValueError: ``kind`` is not one of ``LAYER_KINDS``.
+    """
+    _check_kind(kind)
+    bias = None
+    if has_bias:
+        bias, V = V[:, -1], V[:, :-1]
+    if kind in _TRANSPOSED:
+        V = V.t()
+    return V.reshape(tuple(weight_shape)), bias
 
 
 def _full(t: Tensor) -> Tensor:
@@ -121,6 +256,7 @@ class LayerCapture:
     """Base view of one preconditioned module; subclasses override the three views.
 
     Attributes:
+        kind: the layer kind, one of ``LAYER_KINDS`` (the weight-matrix convention).
         name: the module's qualified name in the model.
         module: the module itself.
         diagonal_a: True when A is stored as its diagonal (Embedding).
@@ -128,6 +264,7 @@ class LayerCapture:
         out_features: ``o``.
     """
 
+    kind = "linear"
     diagonal_a = False
 
     def __init__(self, name: str, module: nn.Module):
@@ -164,10 +301,7 @@ class LayerCapture:
         return _rows_of_vectors(g)
 
     def _weight_matrix_grad(self) -> Tensor:
-        return _full(self.weight.grad)
-
-    def _set_weight_matrix_grad(self, v: Tensor) -> None:
-        _assign(self.weight.grad, v)
+        return _weight_view(self.kind, _full(self.weight.grad))
 
     # Generic ------------------------------------------------------------------
     @property
@@ -179,8 +313,7 @@ class LayerCapture:
         return self._shape[1] + int(self.has_bias)
 
     def _weight_shape(self) -> tuple[int, int]:
-        w = self.weight
-        return w.shape[0], w.numel() // w.shape[0]
+        return matrix_shape(self.kind, self.weight.shape)
 
     def has_grad(self) -> bool:
         return self.weight.grad is not None
@@ -200,36 +333,29 @@ class LayerCapture:
                 f"between steps; {_FSDP1_WORKS}")
         if self.has_bias:
             b = self.bias.grad
-            b = torch.zeros_like(v[:, 0]) if b is None else _full(b)
-            v = torch.cat([v, b.unsqueeze(1)], dim=1)
+            v = _with_bias(v, torch.zeros_like(v[:, 0]) if b is None else _full(b))
         return v
 
     def set_grad_matrix(self, v: Tensor) -> None:
         """Write a ``(o, d [+1])`` matrix back into the parameters' ``.grad``."""
-        if self.has_bias:
+        weight, bias = parameters_from_matrix(self.kind, v, self.weight.shape, self.has_bias)
+        if bias is not None:
             if self.bias.grad is None:
                 self.bias.grad = torch.zeros_like(self.bias)
-            _assign(self.bias.grad, v[:, -1])
-            v = v[:, :-1]
-        self._set_weight_matrix_grad(v)
+            _assign(self.bias.grad, bias)
+        _assign(self.weight.grad, weight)
 
 
 class LinearCapture(LayerCapture):
     """``nn.Linear``: weight ``(o, d)``; any leading dims, every token is a row."""
 
+    kind = "linear"
+
 
 class HFConv1DCapture(LayerCapture):
     """``transformers.pytorch_utils.Conv1D`` (GPT-2): ``y = x @ W + b`` with W ``(d, o)``."""
 
-    def _weight_shape(self) -> tuple[int, int]:
-        d, o = self.weight.shape
-        return o, d
-
-    def _weight_matrix_grad(self) -> Tensor:
-        return _full(self.weight.grad).t()
-
-    def _set_weight_matrix_grad(self, v: Tensor) -> None:
-        _assign(self.weight.grad, v.t())
+    kind = "conv1d"
 
 
 class Conv2dCapture(LayerCapture):
@@ -239,6 +365,8 @@ class Conv2dCapture(LayerCapture):
     output gradient ``(B, o, H_out, W_out)`` -> ``(B, L, o)``. Stride, zero padding and
     dilation are supported; ``groups > 1`` and non-zero padding modes are refused.
     """
+
+    kind = "conv2d"
 
     def __init__(self, name: str, module: nn.Conv2d):
         super().__init__(name, module)
@@ -287,18 +415,13 @@ class Conv2dCapture(LayerCapture):
         # A token mask never applies to image positions.
         return torch.Size([-1])
 
-    def _weight_matrix_grad(self) -> Tensor:
-        return _full(self.weight.grad).reshape(self.weight.shape[0], -1)
-
-    def _set_weight_matrix_grad(self, v: Tensor) -> None:
-        _assign(self.weight.grad, v.reshape(self.weight.shape))
-
 
 class EmbeddingCapture(LayerCapture):
     """``nn.Embedding``: ``s = W^T onehot(i)``, so in K-FAC convention o = embedding_dim,
     d = num_embeddings, and ``A = diag(token counts) / T`` (stored as a vector).
     """
 
+    kind = "embedding"
     diagonal_a = True
 
     def __init__(self, name: str, module: nn.Embedding):
@@ -308,10 +431,6 @@ class EmbeddingCapture(LayerCapture):
                 f"layer '{name}': Embedding with max_norm renormalises weights in forward and is "
                 "not supported (accepted: max_norm=None); add it to skip_layers"
             )
-
-    def _weight_shape(self) -> tuple[int, int]:
-        v, e = self.weight.shape
-        return e, v
 
     def input_rows(self, x: Tensor) -> Tensor:
         if x.dim() == 0:
@@ -330,10 +449,7 @@ class EmbeddingCapture(LayerCapture):
                 f"layer '{self.name}': sparse Embedding gradients are not supported "
                 "(accepted: sparse=False)"
             )
-        return g.t()
-
-    def _set_weight_matrix_grad(self, v: Tensor) -> None:
-        _assign(self.weight.grad, v.t())
+        return _weight_view(self.kind, g)
 
 
 def capture_for(name: str, module: nn.Module) -> LayerCapture:
@@ -343,27 +459,15 @@ def capture_for(name: str, module: nn.Module) -> LayerCapture:
         ValueError: unsupported configuration of a supported type (names the layer).
         TypeError: ``module`` is not one of ``SUPPORTED_MODULES``.
     """
-    if isinstance(module, nn.Linear):
-        return LinearCapture(name, module)
-    if isinstance(module, nn.Conv2d):
-        return Conv2dCapture(name, module)
-    if isinstance(module, nn.Embedding):
-        return EmbeddingCapture(name, module)
-    if _is_hf_conv1d(module):
-        return HFConv1DCapture(name, module)
+    kind = layer_kind(module)
+    if kind is not None:
+        return _CAPTURES[kind](name, module)
     raise TypeError(
         f"layer '{name}' of type {type(module).__name__} is not supported "
         f"(accepted: {', '.join(SUPPORTED_MODULES)})"
     )
 
 
-def layer_kind(module: nn.Module) -> str | None:
-    """K-FAC layer kind of ``module`` ("linear", "conv1d" (Hugging Face Conv1D), "conv2d",
-    "embedding"), or None when unsupported."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    return "conv1d" if _is_hf_conv1d(module) else None
+_CAPTURES: dict[str, type[LayerCapture]] = {
+    "linear": LinearCapture, "conv1d": HFConv1DCapture, "conv2d": Conv2dCapture,
+    "embedding": EmbeddingCapture}
