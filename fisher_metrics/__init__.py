@@ -32,7 +32,9 @@ Public API:
 - :mod:`~fisher_metrics.importance`: ``pruning_masks``, ``scale_by_fisher``,
   ``detect_conflicts``, ``qkov_interference``.
 
-This package never imports ``kfac_optim``.
+Imports with torch alone (the report's plots and progress bars need the ``report``
+extra, the command line also ``hf``). ``kfac_optim`` never imports this package; this
+package imports ``kfac_optim._extras`` (optional dependencies) and its version.
 """
 
 from .capacity import (

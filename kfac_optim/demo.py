@@ -27,6 +27,9 @@ the K-FAC-trained model (``kfac_model/``: ``save_pretrained`` for the LM,
 ``model.pt`` + ``config.json`` for digits; see ``load_digits_model``) and the
 K-FAC preconditioner state (``kfac_preconditioner.pt``, ``torch.save`` of
 ``KFACPreconditioner.state_dict()``).
+
+Needs the ``demo`` extra (``pip install 'kfac-optim[demo]'``: transformers, tokenizers,
+matplotlib, scikit-learn, tqdm); without it the demo raises ``ImportError`` saying so.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import data as demo_data
+from ._extras import require
 
 __all__ = [
     "OPTIMIZERS",
@@ -136,7 +140,8 @@ def build_lm_model(n_layer: int = 2, n_embd: int = 128, n_head: int = 4,
     Raises:
         ValueError: ``n_embd`` not divisible by ``n_head`` (from transformers).
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
+    transformers = require("transformers", "demo", "kfac_optim.demo.build_lm_model (GPT-2)")
+    GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=vocab_size, n_positions=seq_len, n_embd=n_embd,
                         n_layer=n_layer, n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -366,7 +371,7 @@ def train_one(task: Task, name: str, hp: dict[str, Any], *, steps: int, seed: in
         evaluation), ``ms_per_step``, the per-step train loss curve, and the held-out
         curve as ``[step, train_seconds, val_loss]`` rows.
     """
-    from tqdm.auto import tqdm
+    tqdm = require("tqdm.auto", "demo", "kfac_optim.demo.train_one (progress bar)").tqdm
 
     torch.manual_seed(seed)
     model = task.build_model()
@@ -469,10 +474,9 @@ def _ema(values: Sequence[float], decay: float = 0.95) -> list[float]:
 
 def plot_losses(results: dict[str, Any], path: Path) -> None:
     """Loss curves: train (EMA-smoothed) and held-out vs step, held-out vs training time."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "demo", "kfac_optim.demo.plot_losses")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "demo", "kfac_optim.demo.plot_losses")
 
     fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (name, run) in enumerate(results["runs"].items()):
@@ -629,6 +633,18 @@ def _hparams_from_args(task: str, args: argparse.Namespace) -> dict[str, dict[st
     return hps
 
 
+def _require_demo_extra(task: str, vocab: str | None) -> None:
+    """Fail before any training when a package of the ``demo`` extra is missing."""
+    feature = "python -m kfac_optim.demo"
+    needed = ["tqdm", "matplotlib"]
+    if task == "lm":
+        needed += ["transformers", "tokenizers"] if vocab == "bpe" else ["transformers"]
+    else:
+        needed.append("sklearn")
+    for module in needed:
+        require(module, "demo", feature)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the demo; print the table; write results, plot, K-FAC model and state.
 
@@ -637,8 +653,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     Returns:
         The dict written to ``results.json``.
+
+    Raises:
+        ImportError: a package of the ``demo`` extra is missing (before any training).
     """
     args = parse_args(argv)
+    _require_demo_extra(args.task, args.vocab)
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
