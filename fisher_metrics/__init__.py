@@ -37,6 +37,8 @@ extra, the command line also ``hf``). ``kfac_optim`` never imports this package;
 package imports ``kfac_optim._extras`` (optional dependencies) and its version.
 """
 
+from kfac_optim._version import __version__ as __version__
+
 from .capacity import (
     capacity_metrics,
     condition_number,
