@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._extras import require
+from .._extras import require
 
 __all__ = [
     "EOS_ID",
