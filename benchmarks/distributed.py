@@ -90,8 +90,8 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from kfac_optim import KFAC
-    from kfac_optim.data import load_lm_data
     from kfac_optim.demo import build_lm_model
+    from kfac_optim.demo.data import load_lm_data
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

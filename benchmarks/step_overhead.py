@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kfac_optim.data import digits_batches, lm_batches, load_digits_data, load_lm_data
 from kfac_optim.demo import (
     TASK_DEFAULTS,
     build_digits_model,
@@ -41,6 +40,7 @@ from kfac_optim.demo import (
     default_hparams,
     make_optimizer,
 )
+from kfac_optim.demo.data import digits_batches, lm_batches, load_digits_data, load_lm_data
 
 SCHEDULES = ((1, 1), (1, 10), (10, 100))
 

@@ -28,8 +28,8 @@ import torch
 from accelerate import Accelerator
 
 from kfac_optim import KFAC
-from kfac_optim.data import load_lm_data
 from kfac_optim.demo import build_lm_model, default_hparams
+from kfac_optim.demo.data import load_lm_data
 
 
 def batch_for(tokens: torch.Tensor, step: int, micro: int, rank: int, batch: int, seq: int):

@@ -32,10 +32,14 @@ Public API:
 - :mod:`~fisher_metrics.importance`: ``pruning_masks``, ``scale_by_fisher``,
   ``detect_conflicts``, ``qkov_interference``.
 
-It imports ``kfac_optim``'s layer registry (``kfac_optim.layers``: layer kinds, the
-weight-matrix convention, causal-LM detection, the ignore index) and saved-state schema
-(``kfac_optim.state``); ``kfac_optim`` never imports ``fisher_metrics``.
+Imports with torch alone (the report's plots and progress bars need the ``report``
+extra, the command line also ``hf``). It imports ``kfac_optim``'s layer registry
+(``kfac_optim.layers``: layer kinds, the weight-matrix convention, causal-LM detection, the
+ignore index), saved-state schema (``kfac_optim.state``), optional-dependency helper
+(``kfac_optim._extras``) and version; ``kfac_optim`` never imports ``fisher_metrics``.
 """
+
+from kfac_optim._version import __version__ as __version__
 
 from .capacity import (
     capacity_metrics,

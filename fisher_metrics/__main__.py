@@ -127,9 +127,14 @@ def run_report(args: argparse.Namespace) -> list:
     """Load the model, K-FAC state and data named by ``args`` and write the report."""
     model_dir, state_path = _resolve_paths(Path(args.model), args.kfac_state)
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from kfac_optim._extras import require
 
     from .reporting import report
+
+    feature = "python -m fisher_metrics report"
+    AutoModelForCausalLM = require("transformers", "hf", feature).AutoModelForCausalLM
+    require("matplotlib.figure", "report", feature)
 
     if args.threads is not None:
         if args.threads < 1:

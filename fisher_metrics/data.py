@@ -3,11 +3,11 @@
 The text is ``pydoc_data.topics`` (the help topics that ship with CPython, about
 465k characters), UTF-8 encoded byte by byte (ids 0..255) with an end-of-document
 id 256 after each topic, in sorted topic order: the corpus and tokenisation of
-``python -m kfac_optim.demo``, re-implemented here: ``fisher_metrics`` imports only
-``kfac_optim``'s layer registry and state schema. A model saved with its own
-``tokenizers`` vocabulary (``tokenizer.json``, as ``python -m kfac_optim.demo --vocab
-bpe`` saves it) gets the same text in that vocabulary (:func:`tokenizer_corpus_tokens`).
-Nothing is downloaded.
+``python -m kfac_optim.demo``, re-implemented here so that the report does not
+depend on the demo (``kfac_optim.demo`` needs the ``demo`` extra). A model saved
+with its own ``tokenizers`` vocabulary (``tokenizer.json``, as ``python -m
+kfac_optim.demo --vocab bpe`` saves it) gets the same text in that vocabulary
+(:func:`tokenizer_corpus_tokens`; needs the ``hf`` extra). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from kfac_optim._extras import require
 
 from ._validation import check_int
 
@@ -79,10 +81,11 @@ def tokenizer_corpus_tokens(tokenizer_file: str | Path, eos_token: str = "<|endo
 
     Raises:
         ValueError: the file does not exist, or the vocabulary has no ``eos_token``.
+        ImportError: ``tokenizers`` (the ``hf`` extra) is not installed.
     """
     from pydoc_data.topics import topics
 
-    from tokenizers import Tokenizer
+    Tokenizer = require("tokenizers", "hf", "fisher_metrics.data.tokenizer_corpus_tokens").Tokenizer
 
     path = Path(tokenizer_file)
     if not path.is_file():

@@ -2,7 +2,7 @@
 
 For a layer with weight matrix ``W`` (``o x d``, the bias as the last input
 column) the K-FAC approximation of the Fisher block with respect to the
-column-major ``vec(W)`` is (Martens & Grosse 2015, Eq. 5; DESIGN.md)
+column-major ``vec(W)`` is (Martens & Grosse 2015, Eq. 5; docs/design.md)
 
     F_layer = A (x) G,     A = (1/T) sum a a^T  (d x d),   G = (1/N) sum g g^T  (o x o),
 

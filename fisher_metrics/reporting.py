@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kfac_optim._extras import require
+
 from ._validation import check_choice, check_int, check_positive_float, check_seed
 from .compare import FISHER_CURVATURES, compare_hessian_fisher
 from .data import BYTE_VOCAB_SIZE, corpus_tokens, lm_batches, tokenizer_corpus_tokens
@@ -141,10 +143,28 @@ def _as_kfac(kfac: object, model: nn.Module) -> KFACFisher:
     )
 
 
-def _progress(progress: bool, total: int, desc: str):
-    from tqdm.auto import tqdm
+def _tqdm():
+    return require("tqdm.auto", "report", "fisher_metrics.report (progress=True)").tqdm
 
-    return tqdm(total=total, desc=desc, disable=not progress, leave=False)
+
+def _figure():
+    return require("matplotlib.figure", "report", "fisher_metrics.report (HTML plots)").Figure
+
+
+class _NoBar:
+    """What ``tqdm(disable=True)`` does, without tqdm (``progress=False`` needs no extra)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(progress: bool, total: int, desc: str):
+    if not progress:
+        return _NoBar()
+    return _tqdm()(total=total, desc=desc, leave=False)
 
 
 def _counting(op, bar) -> CallableOperator:
@@ -457,7 +477,7 @@ def _png(fig) -> str:
 
 def _plots(result: dict[str, Any], rep: KFACFisher) -> dict[str, str]:
     """Base64 PNGs (matplotlib ``Figure``, no pyplot state) keyed by plot name."""
-    from matplotlib.figure import Figure
+    Figure = _figure()
 
     plots = {}
     fig = Figure(figsize=(7, 4.2))
@@ -585,7 +605,8 @@ def report(
             - ``dtype`` (None): dtype of the exact products (``None``: the model's).
             - ``seed`` (0): seed of every random start / probe.
             - ``loss_fn`` (None): see :func:`fisher_metrics.top_eigenvalues`.
-            - ``progress`` (True): show tqdm progress bars (stderr).
+            - ``progress`` (True): show tqdm progress bars (stderr; needs the
+              ``report`` extra, ``False`` does not).
             - ``cond_warn`` (1e8): warn above this condition number.
             - ``ratio_warn`` (2.0): warn when ``K-FAC top / exact top`` is outside
               ``[1/r, r]`` (``r >= 1``).
@@ -600,7 +621,13 @@ def report(
         TypeError / ValueError: bad arguments (named), a K-FAC state that does
             not fit ``model``, or ``data=None`` for a model without a byte-level
             vocabulary.
+        ImportError: ``out`` given (HTML plots: matplotlib) or ``progress=True`` (tqdm)
+            without the ``report`` extra; checked before any computation.
     """
+    if out is not None:
+        _figure()
+    if options.get("progress", True) is True:
+        _tqdm()
     rep = _as_kfac(kfac, model)
     result = build_report(model, data, kfac=rep, **options)
     if out is not None:
@@ -626,14 +653,16 @@ def write_report(result: dict[str, Any], out: str | Path, rep: KFACFisher) -> li
 
     Raises:
         TypeError: ``out`` is not a path.
+        ImportError: matplotlib (the ``report`` extra) is missing; nothing is written.
     """
     if not isinstance(out, (str, Path)):
         raise TypeError(f"out must be a directory path (str or Path); got {type(out).__name__}")
+    plots = _plots(result, rep)  # first: without matplotlib nothing is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     markdown = _markdown(result)
     paths = [out / name for name in REPORT_FILES]
     paths[0].write_text(json.dumps(_jsonable(result), indent=1, allow_nan=False))
     paths[1].write_text(markdown)
-    paths[2].write_text(_html(result, _plots(result, rep), markdown))
+    paths[2].write_text(_html(result, plots, markdown))
     return paths

@@ -1,4 +1,4 @@
-"""Statistics capture: the hooks stage of K-FAC (DESIGN.md: hooks -> factors -> reduction ->
+"""Statistics capture: the hooks stage of K-FAC (docs/design.md: hooks -> factors -> reduction ->
 inverses -> gradients).
 
 For every forward call of the model a root pre-hook reads the token mask (``attention_mask``,

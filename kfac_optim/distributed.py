@@ -1,6 +1,6 @@
 """Moving and reducing factor statistics across ranks; no K-FAC mathematics here.
 
-The reduction must be exact (DESIGN.md, "Distributed"): R ranks each holding part of a
+The reduction must be exact (docs/design.md, "Distributed"): R ranks each holding part of a
 batch give the same factors as one process holding all of it. So ranks exchange the
 *sums* of outer products and the row / loss-term *counts*, never per-rank averages
 (ranks can hold different numbers of valid tokens), and a low-rank G's column blocks

@@ -1,7 +1,7 @@
 """Kronecker factor statistics and their running (EMA) estimates.
 
 For one layer with input rows ``a`` (``d`` features, bias column included) and
-output-gradient rows ``g`` (``o`` features) the batch factors are (DESIGN.md,
+output-gradient rows ``g`` (``o`` features) the batch factors are (docs/design.md,
 "The mathematics that must hold"):
 
     A = (1/T) sum_rows a a^T        (d, d)   T = number of valid rows
@@ -247,7 +247,7 @@ class LowRankFactor:
     Each update appends the batch block ``U_b = [g_1 ... g_T] / sqrt(N)`` (so that
     ``U_b U_b^T`` is the batch G) and rescales the stack for the EMA:
     ``U <- [sqrt(decay) U, sqrt(1 - decay) U_b]``, ``w <- decay w + (1 - decay)``; the
-    bias-corrected factor is ``U U^T / w`` (DESIGN.md, "Woodbury policy"). ``rank`` is
+    bias-corrected factor is ``U U^T / w`` (docs/design.md, "Woodbury policy"). ``rank`` is
     ``k``, the number of stacked columns.
 
     Row-sharded (``rows=(start, stop)``): the factor holds rows ``start:stop`` of U only,

@@ -13,7 +13,7 @@ where the factored (Tikhonov, "pi-split") damping of Martens & Grosse 2015, Sec.
 ``pi = sqrt( (tr(A)/d) / (tr(G)/o) )``, ``lambda_A = pi sqrt(lambda)``,
 ``lambda_G = sqrt(lambda) / pi``. A diagonal A (Embedding) has ``Q_A = I``.
 
-Woodbury policy (G side, DESIGN.md): ``G = U U^T`` with ``U`` (o, k), k << o.
+Woodbury policy (G side, docs/design.md): ``G = U U^T`` with ``U`` (o, k), k << o.
 
 - Exact damping uses G's nonzero eigenpairs from the k x k Gram ``U^T U = W diag(s) W^T``:
   ``Q_G = U W diag(s)^{-1/2}`` (o, r), a *thin* eigenbasis; ``precondition_eig`` adds the

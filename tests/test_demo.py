@@ -10,20 +10,20 @@ import pytest
 import torch
 
 from kfac_optim import KFACPreconditioner
-from kfac_optim.data import (
-    EOS_ID,
-    VOCAB_SIZE,
-    lm_batches,
-    lm_eval_chunks,
-    load_lm_data,
-    load_text_tokens,
-)
 from kfac_optim.demo import (
     build_lm_model,
     load_digits_model,
     main,
     parse_args,
     val_loss_at_time,
+)
+from kfac_optim.demo.data import (
+    EOS_ID,
+    VOCAB_SIZE,
+    lm_batches,
+    lm_eval_chunks,
+    load_lm_data,
+    load_text_tokens,
 )
 from kfac_optim.options import KFACOptions
 
@@ -129,7 +129,7 @@ def test_lm_demo_bpe_head_runs_on_truncated_woodbury(tmp_path):
 def test_bpe_split_is_deterministic_and_counts_bytes():
     from pydoc_data.topics import topics
 
-    from kfac_optim.data import BPE_EOS
+    from kfac_optim.demo.data import BPE_EOS
 
     a, b = load_lm_data(vocab="bpe", bpe_vocab_size=1024), load_lm_data(vocab="bpe",
                                                                          bpe_vocab_size=1024)

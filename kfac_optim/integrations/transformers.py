@@ -40,15 +40,20 @@ the loss is the token mean times ``terms / num_items_in_batch``. K-FAC's factors
 depend on it (captured gradients are rescaled by the divisor actually used, and G counts
 the loss terms from the shifted labels). Hugging Face causal-LM losses upcast logits to
 float32, so a float64 model's factors carry ~1e-7 relative rounding.
+
+Needs the ``hf`` extra (``pip install 'kfac-optim[hf]'``); importing this module without
+transformers raises ``ImportError`` saying so.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from transformers import Trainer
-
+from .._extras import require
 from ..optimizer import KFAC
+
+# The base class is needed at import: this module is the feature (the ``hf`` extra).
+Trainer = require("transformers", "hf", "kfac_optim.integrations.transformers").Trainer
 
 __all__ = ["KFACTrainer"]
 

@@ -8,7 +8,8 @@
 - scikit-learn's bundled 8x8 ``digits`` (1797 images, 10 classes), with a
   stratified held-out split and inputs standardized on the training split.
 
-Nothing here downloads anything.
+Nothing here downloads anything. The BPE vocabulary (tokenizers) and digits
+(scikit-learn) need the ``demo`` extra.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .._extras import require
 
 __all__ = [
     "EOS_ID",
@@ -123,7 +126,9 @@ def _load_bpe_data(val_fraction: float, vocab_size: int) -> LMData:
         raise ValueError(f"bpe_vocab_size must be an int in [512, 65536], got {vocab_size!r}")
     from pydoc_data.topics import topics
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = require("tokenizers", "demo", "the demo's BPE vocabulary (--vocab bpe)")
+    Tokenizer, decoders, models = tok.Tokenizer, tok.decoders, tok.models
+    pre_tokenizers, trainers = tok.pre_tokenizers, tok.trainers
 
     text = "".join(topics[key] + BPE_EOS for key in sorted(topics))
     cut = int(round(len(text) * (1.0 - val_fraction)))
@@ -220,9 +225,10 @@ def load_digits_data(val_fraction: float = 0.2, seed: int = 0) -> DigitsData:
     Raises:
         ValueError: ``val_fraction`` not in (0, 1).
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    from sklearn.preprocessing import StandardScaler
+    feature = "the demo's digits data (--task digits)"
+    load_digits = require("sklearn.datasets", "demo", feature).load_digits
+    train_test_split = require("sklearn.model_selection", "demo", feature).train_test_split
+    StandardScaler = require("sklearn.preprocessing", "demo", feature).StandardScaler
 
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")

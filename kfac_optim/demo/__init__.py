@@ -1,0 +1,76 @@
+"""K-FAC vs AdamW vs SGD-momentum at equal steps: ``python -m kfac_optim.demo``.
+
+Every optimizer trains the same initial model (same seed) on the same batches for
+the same number of steps, with the same LR schedule shape (linear warm-up, then
+cosine decay to 10% of the peak); only the optimizer and its tuned
+hyperparameters differ (tuning grid and results: ``benchmarks/README.md``, "Demo
+tuning"). Held-out loss is evaluated every ``--eval-every`` steps and at the end
+under ``model.eval()`` and ``torch.no_grad()``; evaluation time is not counted in
+the training wall time.
+
+Tasks:
+
+- ``lm`` (default): a small GPT-2 (``transformers.GPT2LMHeadModel``, byte-level
+  vocabulary of 257 ids) on the English text that ships with CPython
+  (``pydoc_data.topics``), last 10% held out. GPT-2 ties ``lm_head`` to ``wte``;
+  K-FAC preconditions the tied matrix with the ``lm_head`` factors. ``--vocab bpe``
+  trains a byte-level BPE vocabulary (``--bpe-vocab-size``, 8192 ids) on the
+  training text with ``tokenizers``: the head's G (8192 x 8192) then runs on the
+  Woodbury policy under ``inverse_policy="auto"``, with a truncated low-rank EMA
+  (``woodbury_rank``). Held-out loss is also reported in bits per byte, comparable
+  across vocabularies.
+- ``digits``: scikit-learn's 8x8 digits with an MLP 64-256-256-10 (or ``--model
+  cnn``), stratified 20% held out.
+
+Outputs in ``--out`` (default ``runs/demo``): ``results.json``, ``losses.png``,
+the K-FAC-trained model (``kfac_model/``: ``save_pretrained`` for the LM,
+``model.pt`` + ``config.json`` for digits; see ``load_digits_model``) and the
+K-FAC preconditioner state (``kfac_preconditioner.pt``, ``torch.save`` of
+``KFACPreconditioner.state_dict()``).
+
+Needs the ``demo`` extra (``pip install 'kfac-optim[demo]'``: transformers, tokenizers,
+matplotlib, scikit-learn, tqdm); without it the demo raises ``ImportError`` saying so.
+
+Modules: :mod:`~kfac_optim.demo.data` (the offline data sets),
+:mod:`~kfac_optim.demo.tasks` (tuned hyperparameters, models, tasks, optimizers),
+:mod:`~kfac_optim.demo.training` (the training loop) and :mod:`~kfac_optim.demo.cli`
+(plot, table, command line; ``__main__`` runs it).
+"""
+
+from .cli import format_table, main, parse_args, plot_losses
+from .tasks import (
+    BPE_HPARAMS,
+    DEFAULT_HPARAMS,
+    OPTIMIZERS,
+    TASK_DEFAULTS,
+    TASKS,
+    Task,
+    build_digits_model,
+    build_lm_model,
+    default_hparams,
+    load_digits_model,
+    make_optimizer,
+    make_task,
+)
+from .training import train_one, val_loss_at_time
+
+__all__ = [
+    "BPE_HPARAMS",
+    "DEFAULT_HPARAMS",
+    "OPTIMIZERS",
+    "TASKS",
+    "TASK_DEFAULTS",
+    "Task",
+    "build_digits_model",
+    "build_lm_model",
+    "default_hparams",
+    "format_table",
+    "load_digits_model",
+    "main",
+    "make_optimizer",
+    "make_task",
+    "parse_args",
+    "plot_losses",
+    "train_one",
+    "val_loss_at_time",
+]
