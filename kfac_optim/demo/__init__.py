@@ -37,40 +37,10 @@ Modules: :mod:`~kfac_optim.demo.data` (the offline data sets),
 (plot, table, command line; ``__main__`` runs it).
 """
 
+from . import tasks
 from .cli import format_table, main, parse_args, plot_losses
-from .tasks import (
-    BPE_HPARAMS,
-    DEFAULT_HPARAMS,
-    OPTIMIZERS,
-    TASK_DEFAULTS,
-    TASKS,
-    Task,
-    build_digits_model,
-    build_lm_model,
-    default_hparams,
-    load_digits_model,
-    make_optimizer,
-    make_task,
-)
+from .tasks import *  # noqa: F403 (the tasks' public names, listed in tasks.__all__)
 from .training import train_one, val_loss_at_time
 
-__all__ = [
-    "BPE_HPARAMS",
-    "DEFAULT_HPARAMS",
-    "OPTIMIZERS",
-    "TASKS",
-    "TASK_DEFAULTS",
-    "Task",
-    "build_digits_model",
-    "build_lm_model",
-    "default_hparams",
-    "format_table",
-    "load_digits_model",
-    "main",
-    "make_optimizer",
-    "make_task",
-    "parse_args",
-    "plot_losses",
-    "train_one",
-    "val_loss_at_time",
-]
+__all__ = [*tasks.__all__, "format_table", "main", "parse_args", "plot_losses", "train_one",
+           "val_loss_at_time"]
