@@ -72,6 +72,11 @@ class KFACLayer:
         """Whether G is a low-rank factor of which this rank holds a row slice."""
         return self.low_rank and self.g.rows is not None
 
+    @property
+    def has_factors(self) -> bool:
+        """Whether this rank holds running factors A and G (at least one update each)."""
+        return self.a.ema is not None and self.g.updates > 0
+
     def densify(self) -> None:
         """Turn a low-rank G dense (past its column limit, or to follow the owner's G in
         owner mode, where this rank's G is empty); a row slice must be gathered first."""

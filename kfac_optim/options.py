@@ -191,7 +191,8 @@ class KFACOptions:
     factor_update_steps: int = option(
         10, "capture statistics and update the factors every k steps.", _steps)
     inv_update_steps: int = option(
-        100, "recompute the inverses (eigendecompositions, Woodbury systems) every k steps.",
+        100, "recompute the inverses (eigendecompositions, Woodbury systems) every k steps; "
+        "a layer with factors and no inverse yet gets its first one at once.",
         _steps)
     loss_reduction: str = option(
         "mean", "how the loss given to ``backward()`` was reduced over its N loss terms: "

@@ -224,8 +224,12 @@ class KFACPreconditioner:
         if self.capturing:
             self._placement.reduce_statistics(self._layers)
         counts = self._update_factors()
-        if self.steps % self.options.inv_update_steps == 0:
-            self._update_inverses()
+        # on schedule every layer; otherwise the layers with factors and no inverse yet (no
+        # cold start: a layer first seen off schedule is preconditioned from then on)
+        due = self.steps % self.options.inv_update_steps == 0
+        cold = [la for la in self._layers.values() if la.inverse is None and la.has_factors]
+        if due or cold:
+            self._update_inverses(None if due else cold)
         self._update_eigenvalue_corrections(counts)
         with self._whole_parameters(with_grads=True):
             results = self._placement.precondition(self._layers, settings.damping)
@@ -253,8 +257,11 @@ class KFACPreconditioner:
                 layer.nonfinite_skips += 1
                 if not layer.warned:
                     layer.warned = True
+                    kept = ("last good inverse kept" if layer.inverse is not None else
+                            "no inverse yet: its gradient is left as it is until a finite "
+                            "factor update")
                     warnings.warn(f"K-FAC layer '{layer.name}': non-finite statistics; "
-                                  "factor update skipped, last good inverse kept", stacklevel=3)
+                                  f"factor update skipped, {kept}", stacklevel=3)
                 continue
             layer.a.update(a, decay)
             layer.g.update(g, decay)
@@ -308,9 +315,10 @@ class KFACPreconditioner:
         a layer whose eigensolver fails keeps its last good inverse (logged)."""
         self._update_inverses()
 
-    def _update_inverses(self) -> None:
-        layers = [layer for layer in self._layers.values()
-                  if layer.a.ema is not None and layer.g.updates > 0]
+    def _update_inverses(self, layers: list[KFACLayer] | None = None) -> None:
+        """New inverses of ``layers`` (default: every layer with factors)."""
+        if layers is None:
+            layers = [layer for layer in self._layers.values() if layer.has_factors]
         results = self._placement.compute_inverses(layers)
         for layer in layers:
             inverse = results[layer.name]

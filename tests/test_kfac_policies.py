@@ -601,3 +601,27 @@ def test_woodbury_float32_accuracy_at_full_rank(o, rows):
         out = torch.cat([m.weight.grad, m.bias.grad[:, None]], 1).double()
         errors[policy] = float((out - ref).norm() / ref.norm())
     assert errors["woodbury"] < max(3 * errors["eig"], 1e-4), errors
+
+
+def test_layer_first_seen_off_schedule_gets_its_inverse_at_once():
+    """No cold start: a layer without factors at step 0 (here: unused) is preconditioned
+    from its first factor update, not raw until the next multiple of inv_update_steps."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 3).double(), nn.Linear(4, 3).double()
+    model = nn.ModuleDict({"first": first, "second": second})
+    pre = KFACPreconditioner(model, lr=0.1, kl_clip=None, damping=0.1,
+                             factor_update_steps=1, inv_update_steps=100)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,))
+    F.cross_entropy(first(x), y).backward()
+    pre.step()  # step 0: only "first" has factors
+    assert pre.layers["first"].inverse is not None and pre.layers["second"].inverse is None
+    model.zero_grad()
+    F.cross_entropy(second(x), y).backward()  # step 1, off schedule
+    v = grad_matrix(second.weight, second.bias)
+    pre.step()
+    view = pre.layers["second"]
+    assert view.inverse is not None and view.diagnostics["policy"] == "eig"
+    want = kron_exact(v, view.A, view.G, 0.1)
+    torch.testing.assert_close(grad_matrix(second.weight, second.bias), want,
+                               rtol=1e-9, atol=1e-12)
