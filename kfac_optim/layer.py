@@ -16,6 +16,7 @@ from torch import Tensor
 from .factors import LowRankFactor, RunningFactor
 from .layers import LayerCapture, layer_kind
 from .policies import Chooser, Inverse, eigen_a, inverse_from_state
+from .policies.base import nbytes
 
 __all__ = ["KFACLayer", "LayerView"]
 
@@ -107,11 +108,8 @@ class KFACLayer:
 
     def nbytes(self) -> dict[str, int]:
         """``factors`` (dense A and G), ``low_rank`` (a low-rank G's U), ``inverses``."""
-        def size(t):
-            return t.numel() * t.element_size() if isinstance(t, Tensor) else 0
-
-        dense = size(self.a.ema) + (0 if self.low_rank else size(self.g.ema))
-        low = size(self.g.cols) if self.low_rank else 0
+        dense = nbytes(self.a.ema) + (0 if self.low_rank else nbytes(self.g.ema))
+        low = nbytes(self.g.cols) if self.low_rank else 0
         inv = 0 if self.inverse is None else self.inverse.nbytes()
         return {"factors": dense, "inverses": inv, "low_rank": low, "total": dense + inv + low}
 

@@ -26,7 +26,7 @@ def make_placement(options: Any, group: Any, stats: CommStats) -> Replicate:
     """The plan for ``options.inverse_workers`` and ``options.woodbury_reduction`` over
     ``group`` (None or one rank: ``Replicate`` with the gather reduction)."""
     if group is None or world_size(group) == 1:
-        return Replicate(None if group is None else group, options,
+        return Replicate(group, options,
                          GatherReduction(group, options.comm_dtype, stats), stats)
     lowrank = REDUCTIONS[options.woodbury_reduction](group, options.comm_dtype, stats)
     return PLANS[options.inverse_workers](group, options, lowrank, stats)

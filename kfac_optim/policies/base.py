@@ -139,6 +139,11 @@ class Inverse(ABC):
     def from_state(cls, state: dict[str, Any], damping_mode: str) -> Inverse:
         """Rebuild from ``state_dict()`` (tensors already on the target device)."""
 
+    @staticmethod
+    def _a_from_state(state: dict[str, Any]) -> AEigen:
+        """The A side of a ``state_dict()``."""
+        return AEigen(state["s_a"], state["q_a"], int(state["clipped_A"]))
+
     # EKFAC -------------------------------------------------------------------
     @property
     def eigenbasis(self) -> tuple[Tensor | None, Tensor] | None:

@@ -81,7 +81,7 @@ class EigInverse(Inverse):
 
     @classmethod
     def from_state(cls, state: dict[str, Any], damping_mode: str) -> EigInverse:
-        inv = cls(AEigen(state["s_a"], state["q_a"], int(state["clipped_A"])), state["s_g"],
+        inv = cls(cls._a_from_state(state), state["s_g"],
                   state["q_g"], float(state["s_g_rest"]), damping_mode,
                   rank=int(state["rank"]), clipped_g=int(state["clipped_G"]),
                   ekfac=state["ekfac_weight"] is not None)

@@ -81,7 +81,7 @@ class WoodburyInverse(Inverse):
     @classmethod
     def from_state(cls, state: dict[str, Any], damping_mode: str) -> WoodburyInverse:
         rows = state["u_rows"]
-        return cls(AEigen(state["s_a"], state["q_a"], int(state["clipped_A"])), state["u"],
+        return cls(cls._a_from_state(state), state["u"],
                    state["gram"], out_features=int(state["out_features"]),
                    rows=None if rows is None else tuple(rows))
 
@@ -119,7 +119,7 @@ class WoodburyRowsInverse(Inverse):
 
     @classmethod
     def from_state(cls, state: dict[str, Any], damping_mode: str) -> WoodburyRowsInverse:
-        return cls(AEigen(state["s_a"], state["q_a"], int(state["clipped_A"])), state["u"],
+        return cls(cls._a_from_state(state), state["u"],
                    state["gram_s"], state["gram_w"], state["s_g"], float(state["s_g_rest"]),
                    out_features=int(state["out_features"]), rows=tuple(state["u_rows"]),
                    clipped_g=int(state["clipped_G"]))
