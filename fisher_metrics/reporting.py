@@ -623,8 +623,10 @@ def report(
             vocabulary.
         ImportError: ``out`` given (HTML plots: matplotlib) or ``progress=True`` (tqdm)
             without the ``report`` extra; checked before any computation.
+        NotADirectoryError: ``out`` is an existing file (checked before any computation).
     """
     if out is not None:
+        _check_out(out)
         _figure()
     if options.get("progress", True) is True:
         _tqdm()
@@ -640,6 +642,19 @@ def report(
     return pandas.DataFrame(table)
 
 
+def _check_out(out: Any) -> None:
+    """Raises:
+        TypeError: ``out`` is not a path.
+        NotADirectoryError: ``out`` exists and is not a directory.
+    """
+    if not isinstance(out, (str, Path)):
+        raise TypeError(f"out must be a directory path (str or Path); got {type(out).__name__}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise NotADirectoryError(f"out={str(out)!r} is an existing file; the report writes "
+                                 "report.json, report.md and report.html into a directory: pass "
+                                 "a directory path (created if missing)")
+
+
 def write_report(result: dict[str, Any], out: str | Path, rep: KFACFisher) -> list[Path]:
     """Write ``report.json``, ``report.md`` and ``report.html`` of a :func:`build_report` result.
 
@@ -653,10 +668,10 @@ def write_report(result: dict[str, Any], out: str | Path, rep: KFACFisher) -> li
 
     Raises:
         TypeError: ``out`` is not a path.
+        NotADirectoryError: ``out`` is an existing file.
         ImportError: matplotlib (the ``report`` extra) is missing; nothing is written.
     """
-    if not isinstance(out, (str, Path)):
-        raise TypeError(f"out must be a directory path (str or Path); got {type(out).__name__}")
+    _check_out(out)
     plots = _plots(result, rep)  # first: without matplotlib nothing is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

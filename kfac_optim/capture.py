@@ -52,6 +52,9 @@ class BatchContext:
     batch_size: int | None = None
     grad_scale: float = 1.0
     counted: set = field(default_factory=set)
+    explicit_mask: bool = False  # given by set_token_mask or attention_mask (not from labels)
+    captured: list = field(default_factory=list)  # (name, mask shape it needs) per capture
+    mask_applied: bool = False
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
@@ -143,6 +146,7 @@ class StatisticsCapture:
         return scale
 
     def _root_pre_hook(self, module, args, kwargs):
+        explicit = True  # a mask the user gave (set_token_mask, attention_mask)
         if self._pending_mask is not None:
             mask, rows = self._pending_mask
             self._pending_mask = None
@@ -150,14 +154,22 @@ class StatisticsCapture:
             mask, rows = kwargs.get("attention_mask"), None
             labels = kwargs.get("labels")
             if mask is None and isinstance(labels, Tensor):
-                mask = labels != IGNORE_INDEX
+                mask, explicit = labels != IGNORE_INDEX, False
         self._ctx = BatchContext(mask=mask, num_loss_rows=rows, grad_scale=self._grad_scale(),
-                                 batch_size=_batch_size(args, kwargs))
+                                 batch_size=_batch_size(args, kwargs),
+                                 explicit_mask=mask is not None and explicit)
 
     def _root_post_hook(self, module, args, kwargs, output):
         ctx = self._ctx
         if ctx is None:
             return
+        if ctx.explicit_mask and ctx.captured and not ctx.mask_applied:
+            expected = sorted({f"{tuple(shape)} for '{name}'" for name, shape in ctx.captured
+                               if -1 not in tuple(shape)})
+            raise ValueError(
+                f"token mask of shape {tuple(ctx.mask.shape)} applies to no K-FAC layer (a mask "
+                "is (B, S): the leading dims of the layers' inputs); padding rows would enter "
+                f"the factors. Expected shapes: {', '.join(expected) or 'none (no token layer)'}")
         items = kwargs.get("num_items_in_batch")
         if items is not None and self.options.loss_reduction == "mean":
             ctx.loss_divisor = items / self.loss_divisor_ranks
@@ -193,6 +205,10 @@ class StatisticsCapture:
             log.info("K-FAC: '%s' is looked up with ids shared across the batch (a positional "
                      "table): left to the base update", layer.capture.name)
             return
+        if ctx is not None and ctx.mask is not None:
+            shape = layer.capture.mask_shape(inputs[0])
+            ctx.captured.append((layer.capture.name, shape))
+            ctx.mask_applied |= ctx.mask.shape == shape
         # Pair this call's input with the gradient of *this* output: forwards that never
         # see a backward (activation-checkpoint recomputation, unused outputs) add nothing.
         output.register_hook(partial(self._grad_hook, layer, inputs[0].detach(), self._ctx))

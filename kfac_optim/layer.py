@@ -7,6 +7,7 @@ read-only public view of it (``KFACPreconditioner.layers``).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +60,7 @@ class KFACLayer:
         self.warned = False
         self.positional = False
         self.diag: dict[str, Any] = {}
+        self._written: tuple[weakref.ref, int] | None = None
 
     @property
     def name(self) -> str:
@@ -72,6 +74,27 @@ class KFACLayer:
     def row_sharded(self) -> bool:
         """Whether G is a low-rank factor of which this rank holds a row slice."""
         return self.low_rank and self.g.rows is not None
+
+    def _grad_tensor(self) -> Tensor | None:
+        """The weight gradient's storage tensor (a sharded DTensor's local shard)."""
+        grad = self.capture.weight.grad
+        return None if grad is None else getattr(grad, "_local_tensor", grad)
+
+    def mark_written(self) -> None:
+        """Remember the gradient just written back (to refuse preconditioning it twice)."""
+        grad = self._grad_tensor()
+        self._written = None if grad is None else (weakref.ref(grad), grad._version)
+
+    def has_grad_written(self) -> bool:
+        """Whether the weight gradient is still the one this layer last wrote back: no
+        backward (nor any in-place change) since."""
+        grad, written = self._grad_tensor(), self._written
+        return (grad is not None and written is not None and written[0]() is grad
+                and grad._version == written[1])
+
+    def has_new_grad(self) -> bool:
+        """Whether there is a weight gradient to precondition (not already preconditioned)."""
+        return self.capture.has_grad() and not self.has_grad_written()
 
     @property
     def has_factors(self) -> bool:
@@ -124,6 +147,7 @@ class KFACLayer:
     def check_state(self, s: dict) -> None:
         """Raises:
             RuntimeError: the state's factor shapes (or rows of U) do not fit this layer.
+            ValueError: a factor holds NaN or Inf.
         """
         cap = self.capture
         d, o = cap.in_features, cap.out_features
@@ -137,6 +161,10 @@ class KFACLayer:
             if self.rows is not None:  # a row-sharded U: this rank's rows only
                 o = self.rows[1] - self.rows[0]
         for key, value, expected in (("A", s["A"]["ema"], expected_a), ("G", g, (o, o))):
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"K-FAC state for layer '{cap.name}': factor {key} holds NaN or "
+                                 "Inf (a corrupted checkpoint); load an earlier state, or drop "
+                                 "this layer's entry's factors to start them afresh")
             shape = None if value is None else tuple(value.shape)
             if key == "G" and s["G_low_rank"] and shape is not None:
                 shape = (shape[0], shape[0])

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .options import KFACOptions, check_nonneg, options_doc, options_signature
+from .options import KFACOptions, check_model, check_nonneg, options_doc, options_signature
 from .preconditioner import KFACPreconditioner
 
 __all__ = ["KFAC"]
@@ -64,7 +64,9 @@ class KFAC(torch.optim.Optimizer):
         weight_decay: >= 0 (L2, added to the preconditioned gradient).
         nesterov: Nesterov momentum.
         params: optional parameter groups (as for any torch optimizer) over a subset of
-            ``model``'s parameters; default: all parameters with ``requires_grad``.
+            ``model``'s parameters; default: all parameters with ``requires_grad``. Only
+            layers whose weight is among them are preconditioned: the gradients of other
+            parameters (another optimizer's) are left as they are.
         options: a ``KFACOptions`` to start from (keywords override its fields).
         **options: any ``KFACOptions`` field but ``lr`` (listed below and in the
             signature); ``damping`` and ``kl_clip`` become param-group defaults.
@@ -80,8 +82,7 @@ class KFAC(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 0.0, nesterov: bool = False, *, params: Any = None,
                  options: KFACOptions | None = None, **overrides: Any):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_model(model, "KFAC")
         if check_nonneg("lr", lr) <= 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
         if not 0.0 <= check_nonneg("momentum", momentum) < 1.0:
@@ -91,7 +92,10 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError("nesterov=True needs momentum > 0")
         if "lr" in overrides:
             raise TypeError("lr given twice")
-        self.preconditioner = KFACPreconditioner(model, options=options, lr=lr, **overrides)
+        if params is not None:
+            params = list(params)  # may be a generator: read once, used twice
+        self.preconditioner = KFACPreconditioner(model, params=params, options=options, lr=lr,
+                                                 **overrides)
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         opts = self.preconditioner.options
@@ -157,10 +161,21 @@ class KFAC(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore from ``state_dict()``.
+
+        Raises:
+            ValueError: not a ``KFAC`` state (no ``"kfac"`` entry), or as
+                ``KFACPreconditioner.load_state_dict``.
+        """
+        if not isinstance(state_dict, dict) or "kfac" not in state_dict:
+            keys = sorted(map(str, state_dict)) if isinstance(state_dict, dict) else None
+            raise ValueError(
+                "not a KFAC optimizer state: KFAC.state_dict() holds the base optimizer's "
+                "'state' and 'param_groups' and the preconditioner's 'kfac' entry; got "
+                f"{type(state_dict).__name__} with keys {keys} (another optimizer's state? "
+                "a preconditioner's state loads with opt.preconditioner.load_state_dict)")
         state_dict = dict(state_dict)
-        kfac_state = state_dict.pop("kfac", None)
-        if kfac_state is not None:
-            self.preconditioner.load_state_dict(kfac_state)
+        self.preconditioner.load_state_dict(state_dict.pop("kfac"))
         super().load_state_dict(state_dict)
 
 

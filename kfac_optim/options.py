@@ -26,7 +26,7 @@ from .inverse import DAMPING_MODES
 
 __all__ = ["KFACOptions", "StepSettings", "INVERSE_POLICIES", "LOSS_REDUCTIONS",
            "WOODBURY_REDUCTIONS", "INVERSE_WORKERS", "check_nonneg", "check_kl_clip",
-           "options_signature", "options_doc"]
+           "options_signature", "options_doc", "check_model", "check_damping"]
 
 INVERSE_POLICIES = ("eig", "woodbury", "auto", "hybrid")
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -38,6 +38,22 @@ STORE_DEVICES = ("auto", "cpu", "compute")
 
 
 # Checks: each takes (name, value) and returns the normalised value or raises ------------
+def check_model(model: Any, where: str) -> None:
+    """Raises:
+        TypeError: ``model`` is not an ``nn.Module``; for an iterable of parameters (what a
+            torch optimizer takes) the message says to pass the model and ``params=``.
+    """
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, torch.Tensor) or hasattr(model, "__iter__"):
+        raise TypeError(
+            f"{where} takes the model, not its parameters: K-FAC hooks the model's layers to "
+            f"see their inputs and output gradients. Call {where}(model, lr=...)"
+            + (", with params=<parameters or param groups> to optimize a subset or use "
+               "groups" if where == "KFAC" else "") + f"; got {type(model).__name__}")
+    raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -49,6 +65,16 @@ def check_nonneg(name: str, value: Any) -> float:
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
     return float(value)
+
+
+def check_damping(name: str, value: Any) -> float:
+    """Damping as a float > 0: with 0 a singular factor makes every step non-finite (and
+    skipped), so it is refused rather than accepted and then silently never applied."""
+    value = check_nonneg(name, value)
+    if value == 0:
+        raise ValueError(f"{name} must be > 0 (Tikhonov damping keeps (A (x) G + damping) "
+                         "invertible; try 1e-3 to 1e-1), got 0")
+    return value
 
 
 def check_kl_clip(value: Any, name: str = "kl_clip") -> float | None:
@@ -170,9 +196,9 @@ class KFACOptions:
 
     # Damping and the step -------------------------------------------------------
     damping: float = option(
-        1e-3, "lambda >= 0, Tikhonov damping in units of the Fisher of the mean loss "
+        1e-3, "lambda > 0, Tikhonov damping in units of the Fisher of the mean loss "
         "(``step(damping=...)`` or a KFAC param group's ``damping`` overrides it per step).",
-        check_nonneg)
+        check_damping)
     damping_mode: str = option(
         "exact", "``\"exact\"``: ``(A (x) G + lambda I)^{-1}``; ``\"factored\"``: "
         "``(G + lambda_G I)^{-1} V (A + lambda_A I)^{-1}``, the pi-split of Martens & Grosse "
@@ -364,7 +390,7 @@ class StepSettings:
         Raises:
             ValueError: a bad value, or a KL clip without any lr.
         """
-        damping = options.damping if damping is None else check_nonneg("damping", damping)
+        damping = options.damping if damping is None else check_damping("damping", damping)
         kl_clip = options.kl_clip if kl_clip is ... else check_kl_clip(kl_clip)
         lr = options.lr if lr is None else check_nonneg("lr", lr)
         if kl_clip is not None and lr is None:

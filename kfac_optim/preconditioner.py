@@ -22,8 +22,8 @@ from .capture import StatisticsCapture
 from .distributed import CommStats, resolve_group
 from .factors import eigenbasis_second_moments
 from .layer import KFACLayer, LayerView
-from .layers import LayerCapture, capture_for, fsdp1_root, is_supported, strip_wrapper_names
-from .options import KFACOptions, StepSettings, options_doc, options_signature
+from .layers import capture_for, fsdp1_root, is_supported, strip_wrapper_names
+from .options import KFACOptions, StepSettings, check_model, options_doc, options_signature
 from .placement import make_placement
 from .policies import make_policy
 from .state import STATE_VERSION, upgrade_state
@@ -41,6 +41,18 @@ def _unwrap(model: nn.Module) -> nn.Module:
             type(model).__name__ == "FullyShardedDataParallel" and hasattr(model, "module")):
         model = model.module
     return model
+
+
+def _flat_params(params: Any) -> list[Tensor]:
+    """Tensors of ``params``: an iterable of tensors or of param-group dicts."""
+    out = []
+    for item in params:
+        if isinstance(item, dict):
+            group = item["params"]
+            out += [group] if isinstance(group, Tensor) else list(group)
+        else:
+            out.append(item)
+    return out
 
 
 def _fmt(row: dict[str, Any]) -> str:
@@ -72,6 +84,8 @@ class KFACPreconditioner:
             the wrapper: construction and each ``step()`` then gather the whole model's
             parameters and gradients (``summon_full_params(with_grads=True)``, collective:
             every rank calls them) and write back only this rank's shard.
+        params: None (every supported layer), or parameters / param groups: only layers
+            whose weight is among them are preconditioned, and no other gradient is touched.
         options: a ``KFACOptions`` to start from (keywords override its fields).
         **options: any ``KFACOptions`` field by name (listed below and in the signature).
 
@@ -90,16 +104,16 @@ class KFACPreconditioner:
             given without its wrapper (saying what works).
     """
 
-    def __init__(self, model: nn.Module, *, options: KFACOptions | None = None,
-                 **overrides: Any) -> None:
+    def __init__(self, model: nn.Module, *, params: Any = None,
+                 options: KFACOptions | None = None, **overrides: Any) -> None:
+        check_model(model, "KFACPreconditioner")
+        self._params = None if params is None else {id(p) for p in _flat_params(params)}
         self.options = opts = KFACOptions.build(options, overrides, "KFACPreconditioner")
         if opts.kl_clip is not None and opts.lr is None:
             raise ValueError(
                 f"kl_clip={opts.kl_clip} needs the learning rate of the update that follows: "
                 "pass lr=<float> (or call step(lr=...)), or kl_clip=None to disable clipping"
             )
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._fsdp1 = fsdp1_root(model)
         self.model = _unwrap(model)
         self.comm = CommStats()
@@ -108,6 +122,7 @@ class KFACPreconditioner:
         self.steps = 0
         self.capture_enabled = True
         self.last_step: StepSettings | None = None
+        self._warned_stale = False
         self._layers: dict[str, KFACLayer] = {}
         with self._whole_parameters(with_grads=False):  # FSDP1: shapes of whole weights
             for name, module in self._select_modules():
@@ -128,6 +143,8 @@ class KFACPreconditioner:
                 continue
             if not module.weight.requires_grad:
                 continue
+            if self._params is not None and not self._owns_params(name, module):
+                continue
             # Tied weights (e.g. GPT-2's wte and lm_head): one layer preconditions the tied
             # matrix, preferring dense factors over an Embedding's diagonal A.
             key = id(module.weight)
@@ -139,6 +156,23 @@ class KFACPreconditioner:
                 log.info("weight shared by '%s' and '%s': preconditioned with the factors of "
                          "'%s' only", prev[0], name, chosen[key][0])
         return list(chosen.values())
+
+    def _owns_params(self, name: str, module: nn.Module) -> bool:
+        """With ``params``: whether the layer's weight is among them (K-FAC touches no
+        gradient outside them).
+
+        Raises:
+            ValueError: the weight is in ``params`` and a trainable bias is not (the two
+                are preconditioned together).
+        """
+        if id(module.weight) not in self._params:
+            return False
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, Tensor) and bias.requires_grad and id(bias) not in self._params:
+            raise ValueError(f"layer '{name}': its weight is in params and its trainable bias is "
+                             "not; K-FAC preconditions them together: put both in params (or "
+                             "freeze the bias, or skip_layers the layer)")
+        return True
 
     def _whole_parameters(self, *, with_grads: bool) -> Any:
         """Context in which FSDP1 parameters (and gradients) are whole; changes to the
@@ -232,6 +266,12 @@ class KFACPreconditioner:
             self._update_inverses(None if due else cold)
         self._update_eigenvalue_corrections(counts)
         with self._whole_parameters(with_grads=True):
+            stale = [la.name for la in self._layers.values() if la.has_grad_written()]
+            if stale and not self._warned_stale:
+                self._warned_stale = True
+                warnings.warn(f"K-FAC step() called again on gradients it already preconditioned "
+                              f"(no backward since) for layers {stale}: left as they are, not "
+                              "preconditioned twice", stacklevel=2)
             results = self._placement.precondition(self._layers, settings.damping)
             self._write_clipped(results, settings)
         self.steps += 1
@@ -330,20 +370,23 @@ class KFACPreconditioner:
             layer.diag["policy"] = "woodbury" if layer.low_rank else "eig"
             log.info("K-FAC inverse update step=%d %s", self.steps, _fmt(self._describe(layer)))
 
-    def _write_clipped(self, results: list[tuple[LayerCapture, Tensor, Tensor]],
+    def _write_clipped(self, results: list[tuple[KFACLayer, Tensor, Tensor]],
                        settings: StepSettings) -> None:
-        """Write the preconditioned gradients ``(capture, V, V_pre)`` back, scaled by the
+        """Write the preconditioned gradients ``(layer, V, V_pre)`` back, scaled by the
         KL clip ``nu = min(1, sqrt(kl_clip / (lr^2 sum_layers <V_pre, V>)))``."""
         if not results:
             return
         scale = None
         if settings.kl_clip is not None:
-            vfv = torch.stack([(pre * grad).sum().to(torch.float64)
+            # in float64: <V_pre, V> of large float32 / float16 gradients overflows their dtype
+            # (inf or NaN would turn the clip off or zero the step)
+            vfv = torch.stack([(pre.to(torch.float64) * grad.to(torch.float64)).sum()
                                for _, grad, pre in results]).sum() * settings.lr**2
             ratio = settings.kl_clip / vfv
             scale = torch.where(vfv > 0, ratio.clamp(max=1.0).sqrt(), torch.ones_like(vfv))
-        for cap, _, pre in results:
-            cap.set_grad_matrix(pre if scale is None else pre * scale.to(pre.dtype))
+        for layer, _, pre in results:
+            layer.capture.set_grad_matrix(pre if scale is None else pre * scale.to(pre.dtype))
+            layer.mark_written()
 
     # Diagnostics ---------------------------------------------------------------
     def _describe(self, layer: KFACLayer) -> dict[str, Any]:

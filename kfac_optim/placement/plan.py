@@ -34,13 +34,12 @@ from ..distributed import (
     world_size,
 )
 from ..layer import KFACLayer
-from ..layers import LayerCapture
 from ..policies import Chooser, Inverse, inverse_from_state
 from .lowrank import GatherReduction
 
 __all__ = ["Replicate", "Assign", "Owner", "inverse_cost"]
 
-Results = list[tuple[LayerCapture, Tensor, Tensor]]
+Results = list[tuple[KFACLayer, Tensor, Tensor]]
 
 
 def inverse_cost(layer: KFACLayer, k: int) -> float:
@@ -150,14 +149,14 @@ class Replicate:
 
     # Preconditioning -----------------------------------------------------------
     def precondition(self, layers: dict[str, KFACLayer], damping: float) -> Results:
-        """``(capture, V, V_pre)`` for every layer with an inverse and a gradient."""
+        """``(layer, V, V_pre)`` for every layer with an inverse and a new gradient."""
         results = []
         for layer in layers.values():
             cap = layer.capture
-            if layer.inverse is None or not cap.has_grad():
+            if layer.inverse is None or not layer.has_new_grad():
                 continue
             grad = cap.grad_matrix()
-            results.append((cap, grad, self.lowrank.precondition(layer, grad, damping)))
+            results.append((layer, grad, self.lowrank.precondition(layer, grad, damping)))
         return results
 
     # State -----------------------------------------------------------------------
@@ -233,7 +232,7 @@ class Owner(Replicate):
         """
         items = list(layers.values())
         flags = all_reduce_counts(torch.tensor(
-            [[float(self.owns(la) and la.inverse is not None), float(la.capture.has_grad()),
+            [[float(self.owns(la) and la.inverse is not None), float(la.has_new_grad()),
               float(self.owns(la) and not la.low_rank)] for la in items]),
             self.group, kind="flags", stats=self.stats)
         ready = []
@@ -247,7 +246,7 @@ class Owner(Replicate):
             grad = layer.capture.grad_matrix()
             pre = (self.lowrank.precondition(layer, grad, damping).to(grad.dtype)
                    if self.owns(layer) else torch.empty_like(grad))
-            results.append((layer.capture, grad, pre))
+            results.append((layer, grad, pre))
         broadcast_from_owners([pre for _, _, pre in results], [self.owner(la) for la in ready],
                               self.group, bucket_bytes=self.options.comm_bucket_bytes,
                               stats=self.stats)
