@@ -1,4 +1,5 @@
-"""KFAC: a torch.optim.Optimizer = K-FAC preconditioner + SGD-momentum base update."""
+"""KFAC: a torch.optim.Optimizer = K-FAC preconditioner + a base update (SGD-momentum,
+AdamW on the preconditioned gradient, or grafting; ``kfac_optim.base``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from .base import BASES, adam_direction, decoupled_step, graft_norms, sgd_update
 from .options import KFACOptions, check_model, check_nonneg, options_doc, options_signature
 from .preconditioner import KFACPreconditioner
 
@@ -46,23 +48,32 @@ class KFAC(torch.optim.Optimizer):
     """K-FAC natural-gradient optimizer (Martens & Grosse 2015).
 
     Each ``step()`` preconditions the gradients of the supported layers with
-    ``KFACPreconditioner`` (KL-clipped at the group's ``lr``), then applies SGD with
-    momentum and (coupled) weight decay to every parameter::
+    ``KFACPreconditioner`` (KL-clipped at the group's ``lr``), then applies the group's
+    base update (``kfac_optim.base``) to every parameter; ``base="sgd"`` (default) is SGD
+    with momentum and (coupled) weight decay::
 
         d = grad_pre + weight_decay * p;  buf = momentum * buf + d
         p -= lr * (d + momentum * buf if nesterov else buf)
 
+    ``base="adamw"`` is AdamW (``betas``, ``eps``, decoupled ``weight_decay``) on the
+    preconditioned gradient; ``base="grafting"`` takes K-FAC's direction with the length of
+    the AdamW step on the raw gradient, per layer (Agarwal et al. 2020).
+
     Hyperparameters live in ``param_groups``: ``lr``, ``momentum``, ``weight_decay``,
-    ``nesterov`` per group; ``damping`` and ``kl_clip`` are read from the first group
-    at every step, so LR schedulers (and a scheduler writing ``group["damping"]``) work:
-    ``preconditioner.describe()`` reports the damping the last step used.
+    ``nesterov``, ``base``, ``betas``, ``eps`` per group; ``damping`` and ``kl_clip`` are
+    read from the first group at every step, so LR schedulers (and a scheduler writing
+    ``group["damping"]``) work: ``preconditioner.describe()`` reports the damping the last
+    step used.
 
     Args:
         model: the model whose trainable parameters are optimized.
         lr: learning rate > 0.
-        momentum: in [0, 1).
-        weight_decay: >= 0 (L2, added to the preconditioned gradient).
-        nesterov: Nesterov momentum.
+        momentum: in [0, 1) (``base="sgd"``).
+        weight_decay: >= 0 (``"sgd"``: L2, added to the preconditioned gradient; Adam bases:
+            decoupled, ``p *= 1 - lr weight_decay``).
+        nesterov: Nesterov momentum (``base="sgd"``).
+        base: ``"sgd"``, ``"adamw"`` or ``"grafting"`` (``kfac_optim.base``).
+        betas, eps: Adam's moment decays in [0, 1) and denominator term > 0 (Adam bases).
         params: optional parameter groups (as for any torch optimizer) over a subset of
             ``model``'s parameters; default: all parameters with ``requires_grad``. Only
             layers whose weight is among them are preconditioned: the gradients of other
@@ -81,7 +92,8 @@ class KFAC(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 0.0, nesterov: bool = False, *, params: Any = None,
-                 options: KFACOptions | None = None, **overrides: Any):
+                 base: str = "sgd", betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, options: KFACOptions | None = None, **overrides: Any):
         check_model(model, "KFAC")
         if check_nonneg("lr", lr) <= 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
@@ -92,6 +104,18 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError("nesterov=True needs momentum > 0")
         if "lr" in overrides:
             raise TypeError("lr given twice")
+        if base not in BASES:
+            raise ValueError(f"base={base!r} is not accepted; accepted values: {BASES}")
+        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+                or not all(0.0 <= check_nonneg("betas", b) < 1.0 for b in betas)):
+            raise ValueError(f"betas must be two real numbers in [0, 1), got {betas!r}")
+        if check_nonneg("eps", eps) <= 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        if base == "grafting" and any(getattr(p, "_fsdp_flattened", False)
+                                      for p in model.parameters()):
+            raise ValueError("base='grafting' needs each layer's whole gradient for its norm; "
+                             "FSDP1 holds flat shards: use base='adamw' or 'sgd' with FSDP1 "
+                             "(grafting works under DDP and FSDP2)")
         if params is not None:
             params = list(params)  # may be a generator: read once, used twice
         self.preconditioner = KFACPreconditioner(model, params=params, options=options, lr=lr,
@@ -100,7 +124,8 @@ class KFAC(torch.optim.Optimizer):
             params = [p for p in model.parameters() if p.requires_grad]
         opts = self.preconditioner.options
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                        damping=opts.damping, kl_clip=opts.kl_clip)
+                        damping=opts.damping, kl_clip=opts.kl_clip, base=base,
+                        betas=tuple(betas), eps=eps)
         super().__init__(params, defaults)
         self._model_params = {id(p) for p in model.parameters()}
         _refuse_partitioned(self.param_groups)
@@ -119,6 +144,7 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         first = self.param_groups[0]
+        raw = self._raw_gradients()
         self.preconditioner.step(lr=first["lr"], damping=first["damping"],
                                  kl_clip=first["kl_clip"])
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -127,25 +153,48 @@ class KFAC(torch.optim.Optimizer):
             warnings.warn("KFAC: non-finite gradient; step skipped, weights unchanged",
                           stacklevel=2)
             return loss
-        for group in self.param_groups:
-            self._sgd(group)
+        self._base_update(raw)
         return loss
 
-    def _sgd(self, group: dict) -> None:
-        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            d = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
-            if mom != 0:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = d.clone()
+    def _layer_params(self) -> list[list[Tensor]]:
+        """The parameters of each preconditioned layer (weight, bias)."""
+        return [[p for p in (view.module.weight, getattr(view.module, "bias", None))
+                 if isinstance(p, Tensor)] for view in self.preconditioner.layers.values()]
+
+    def _raw_gradients(self) -> dict[int, Tensor]:
+        """Copies of the gradients grafting needs before preconditioning rewrites them: the
+        preconditioned layers' parameters in ``base="grafting"`` groups."""
+        grafted = {id(p) for g in self.param_groups if g["base"] == "grafting"
+                   for p in g["params"]}
+        if not grafted:
+            return {}
+        return {id(p): p.grad.clone() for params in self._layer_params() for p in params
+                if id(p) in grafted and p.grad is not None}
+
+    def _base_update(self, raw: dict[int, Tensor]) -> None:
+        """Each group's base update (``kfac_optim.base``) along the preconditioned gradients."""
+        graft: dict[int, tuple[Tensor, Tensor, dict]] = {}  # id -> (param, Adam dir, group)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group["base"] == "sgd":
+                    sgd_update(p, p.grad, self.state[p], group)
+                elif group["base"] == "adamw":
+                    decoupled_step(p, adam_direction(p.grad, self.state[p], group), group)
                 else:
-                    buf.mul_(mom).add_(d)
-                d = d.add(buf, alpha=mom) if group["nesterov"] else buf
-            p.add_(d, alpha=-lr)
+                    graft[id(p)] = (p, adam_direction(raw.get(id(p), p.grad), self.state[p],
+                                                      group), group)
+        if not graft:
+            return
+        for params in self._layer_params():  # K-FAC direction, Adam's length, per layer
+            mine = [graft.pop(id(p)) for p in params if id(p) in graft]
+            if mine:
+                scale = graft_norms([a for _, a, _ in mine], [p.grad for p, _, _ in mine])
+                for p, _, group in mine:
+                    decoupled_step(p, p.grad, group, scale.to(p.dtype))
+        for p, direction, group in graft.values():  # not preconditioned: plain AdamW
+            decoupled_step(p, direction, group)
 
     def train(self) -> None:
         """Resume statistics capture (Hugging Face Trainer calls this before training)."""
