@@ -226,6 +226,9 @@ class KFAC(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         self.preconditioner.load_state_dict(state_dict.pop("kfac"))
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # groups saved before a key existed (0.1.0: base)
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
 
 KFAC.__init__.__signature__ = options_signature(KFAC.__init__, skip=("lr",))
