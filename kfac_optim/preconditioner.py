@@ -114,6 +114,7 @@ class KFACPreconditioner:
                 capture = capture_for(name, module)
                 rows = self._placement.lowrank.rows_for(capture.out_features)
                 self._layers[name] = KFACLayer(capture, self._policy, rows)
+        self._placement.check_agreement(self._layers)  # same options and layers on every rank
         self._placement.setup(self._layers, self._policy)
         self._capture = StatisticsCapture(self._layers, opts, lambda: self.capturing)
         self._handles = self._capture.register(self.model)
@@ -222,7 +223,7 @@ class KFACPreconditioner:
         """
         self.last_step = settings = StepSettings.resolve(self.options, lr, damping, kl_clip)
         if self.capturing:
-            self._placement.reduce_statistics(self._layers)
+            self._placement.reduce_statistics(self._layers, self.steps)
         counts = self._update_factors()
         # on schedule every layer; otherwise the layers with factors and no inverse yet (no
         # cold start: a layer first seen off schedule is preconditioned from then on)
