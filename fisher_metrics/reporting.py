@@ -644,8 +644,10 @@ def report(
         ``tied_with``. ``shape`` is ``[o, d]`` of ``A (x) G``.
 
     Raises:
-        TypeError / ValueError: bad arguments (named), a K-FAC state that does
-            not fit ``model``, or ``data=None`` for a model without a byte-level
+        TypeError / ValueError: bad arguments (named), a K-FAC state or
+            ``KFACFisher`` that does not fit ``model`` (layers or shapes), a
+            preconditioner built on another model (ValueError), one owner-mode rank's
+            state (ValueError), or ``data=None`` for a model without a byte-level
             vocabulary.
         ImportError: ``out`` given (HTML plots: matplotlib) or ``progress=True`` (tqdm)
             without the ``report`` extra; checked before any computation.

@@ -87,7 +87,9 @@ class KFACPreconditioner:
         ValueError / TypeError: bad options (naming the option and accepted values; an
             unknown keyword gets the closest option names), an unsupported layer
             configuration (naming the layer), or FSDP1 with ``use_orig_params=False`` or
-            given without its wrapper (saying what works).
+            given without its wrapper (saying what works). With several ranks: ranks whose
+            options or layers differ (ValueError on every rank, naming each difference and
+            every rank's value; ``Replicate.check_agreement``).
     """
 
     def __init__(self, model: nn.Module, *, options: KFACOptions | None = None,
@@ -220,6 +222,9 @@ class KFACPreconditioner:
 
         Raises:
             ValueError: bad ``lr``/``damping``/``kl_clip``, or a KL clip without any lr.
+            RuntimeError: with several ranks, at a factor reduction, ranks out of step
+                (different step counts, or a rank that captured nothing since its last
+                step: an extra ``step()`` call), on every rank.
         """
         self.last_step = settings = StepSettings.resolve(self.options, lr, damping, kl_clip)
         if self.capturing:
