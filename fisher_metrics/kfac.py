@@ -163,6 +163,14 @@ class KFACFisher(FisherRepresentation):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         check_dtype("dtype", dtype)
         state = preconditioner_state(state)
+        owners = state.get("owners")
+        if owners:
+            raise ValueError(
+                f"the K-FAC state is rank {owners['rank']}'s under inverse_workers='owner' "
+                f"(owners {owners['layers']}): it holds the factors of that rank's layers only. "
+                "Read a state of inverse_workers='replicate' (or 'assign'), or of a single "
+                "process; gather the ranks' states into one first"
+            )
         while isinstance(model, DistributedDataParallel):
             model = model.module
         named = list(model.named_parameters())
@@ -252,7 +260,9 @@ class KFACFisher(FisherRepresentation):
                 (naming the layer), or no layer has factors yet. Layers without
                 factors yet are listed in :attr:`skipped_layers`. A low-rank G that
                 holds only some rows of U (one rank's state under
-                ``woodbury_reduction="row_sharded"``) is refused, naming the layer.
+                ``woodbury_reduction="row_sharded"``) is refused, naming the layer. One
+                rank's state under ``inverse_workers="owner"`` (a subset of the layers) is
+                refused, naming the owners.
         """
         return cls(model, state, dtype=dtype)
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from kfac_optim._extras import require
 
@@ -131,16 +132,41 @@ def default_data(
 
 
 def _as_kfac(kfac: object, model: nn.Module) -> KFACFisher:
-    if isinstance(kfac, KFACFisher):
-        return kfac
+    """``kfac`` as a KFACFisher of ``model``.
+
+    Raises:
+        TypeError: ``kfac`` is none of the accepted kinds.
+        ValueError: ``kfac`` is another model's: a preconditioner whose ``model`` is not
+            ``model`` (DDP unwrapped), or factors of parameters ``model`` lacks or shapes it
+            does not have.
+    """
+    while isinstance(model, DistributedDataParallel):
+        model = model.module
     if isinstance(kfac, Mapping):
         return KFACFisher.from_state_dict(kfac, model)
-    if callable(getattr(kfac, "state_dict", None)):
-        return KFACFisher.from_preconditioner(kfac)
-    raise TypeError(
-        "kfac must be a KFACFisher, a kfac_optim.KFACPreconditioner (or KFAC optimizer), or its "
-        f"state_dict(); got {type(kfac).__name__}"
-    )
+    if not isinstance(kfac, KFACFisher):
+        if not callable(getattr(kfac, "state_dict", None)):
+            raise TypeError(
+                "kfac must be a KFACFisher, a kfac_optim.KFACPreconditioner (or KFAC optimizer), "
+                f"or its state_dict(); got {type(kfac).__name__}"
+            )
+        pre = getattr(kfac, "preconditioner", kfac)
+        if getattr(pre, "model", None) is not model:
+            raise ValueError(
+                "kfac is the preconditioner of another model (its .model is not the model "
+                "given): pass the preconditioner built on this model, or its state_dict()"
+            )
+        kfac = KFACFisher.from_preconditioner(kfac)
+    params = dict(model.named_parameters())
+    for name in kfac.param_names:
+        if name not in params or params[name].shape != kfac.param_shapes[name]:
+            found = "missing" if name not in params else f"shape {tuple(params[name].shape)}"
+            raise ValueError(
+                f"the K-FAC factors do not fit the model: parameter {name!r} (shape "
+                f"{tuple(kfac.param_shapes[name])} in K-FAC) is {found} in the model (factors "
+                "of another model?)"
+            )
+    return kfac
 
 
 def _tqdm():
@@ -618,8 +644,10 @@ def report(
         ``tied_with``. ``shape`` is ``[o, d]`` of ``A (x) G``.
 
     Raises:
-        TypeError / ValueError: bad arguments (named), a K-FAC state that does
-            not fit ``model``, or ``data=None`` for a model without a byte-level
+        TypeError / ValueError: bad arguments (named), a K-FAC state or
+            ``KFACFisher`` that does not fit ``model`` (layers or shapes), a
+            preconditioner built on another model (ValueError), one owner-mode rank's
+            state (ValueError), or ``data=None`` for a model without a byte-level
             vocabulary.
         ImportError: ``out`` given (HTML plots: matplotlib) or ``progress=True`` (tqdm)
             without the ``report`` extra; checked before any computation.

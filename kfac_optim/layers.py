@@ -54,16 +54,18 @@ IGNORE_INDEX = -100
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
-    # Avoid importing transformers (slow) just to test a type.
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+    # Avoid importing transformers (slow) just to test a type. The whole MRO: FSDP2's
+    # fully_shard swaps the class for a subclass (``FSDPConv1D``) defined elsewhere.
+    return any(cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+               for cls in type(module).__mro__)
 
 
 def layer_kind(module: nn.Module) -> str | None:
     """K-FAC layer kind of ``module``: one of ``LAYER_KINDS``, or None if unsupported.
 
     ``"conv1d"`` is the Hugging Face ``transformers.pytorch_utils.Conv1D`` (recognised by
-    its class name and module, without importing transformers).
+    its class name and module, without importing transformers; subclasses too, such as
+    the ``FSDPConv1D`` that FSDP2's ``fully_shard`` makes of it).
     """
     if isinstance(module, nn.Linear):
         return "linear"

@@ -127,17 +127,27 @@ class KFAC(torch.optim.Optimizer):
                         damping=opts.damping, kl_clip=opts.kl_clip, base=base,
                         betas=tuple(betas), eps=eps)
         super().__init__(params, defaults)
-        self._model_params = {id(p) for p in model.parameters()}
+        self._model = model
+        self._param_names = {id(p): name for name, p in model.named_parameters()}
+        self._model_params = set(self._param_names)
         _refuse_partitioned(self.param_groups)
         self.skipped_steps = 0
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:
-        """Precondition, then take the SGD-momentum step. Returns ``closure()``'s loss.
+        """Precondition, then take the base update (``base``). Returns ``closure()``'s loss.
 
         A step whose preconditioned gradients are not finite is skipped (weights and
-        momentum unchanged, ``skipped_steps`` incremented, a warning).
+        momentum unchanged, ``skipped_steps`` incremented, a warning). Parameters the model
+        replaced since construction (FSDP2's ``fully_shard`` after building ``KFAC``) are
+        first rebound in the param groups (``_rebind_replaced``).
+
+        Raises:
+            RuntimeError: the groups hold parameters that are not the model's (a flat
+                partition, ZeRO-3 placeholders), or a replaced parameter had optimizer
+                state (see ``_rebind_replaced``).
         """
+        self._rebind_replaced()
         _refuse_partitioned(self.param_groups, self._model_params)
         loss = None
         if closure is not None:
@@ -155,6 +165,36 @@ class KFAC(torch.optim.Optimizer):
             return loss
         self._base_update(raw)
         return loss
+
+    def _rebind_replaced(self) -> None:
+        """Point the param groups at the model's current parameters.
+
+        FSDP2's ``fully_shard`` (called after building ``KFAC``) replaces each
+        ``nn.Parameter`` by a sharded (DTensor) one at the same module attribute; the groups
+        would keep the old ones and train nothing. A group parameter whose name (at
+        construction) now holds another parameter of the same (global) shape is replaced
+        by it; anything else is left to ``_refuse_partitioned``.
+
+        Raises:
+            RuntimeError: a replaced parameter already has optimizer state (momentum of
+                steps taken, or loaded, before the replacement).
+        """
+        live = dict(self._model.named_parameters())
+        for group in self.param_groups:
+            params = group["params"]
+            for i, old in enumerate(params):
+                new = live.get(self._param_names.get(id(old), ""))
+                if new is None or new is old or tuple(new.shape) != tuple(old.shape):
+                    continue
+                if self.state.get(old):
+                    raise RuntimeError(
+                        f"KFAC: the model replaced parameter '{self._param_names[id(old)]}' "
+                        "(FSDP2 fully_shard after building KFAC?) after optimizer state was "
+                        "kept for it: build KFAC after fully_shard, or shard before the first "
+                        "step and load_state_dict")
+                params[i] = new
+                self._param_names[id(new)] = self._param_names.pop(id(old))
+        self._model_params = {id(p) for p in live.values()}
 
     def _layer_params(self) -> list[list[Tensor]]:
         """The parameters of each preconditioned layer (weight, bias)."""

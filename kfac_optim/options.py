@@ -167,6 +167,19 @@ def _grad_scaler(name: str, value: Any) -> Any:
     return value
 
 
+def _process_group(name: str, value: Any) -> Any:
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    import torch.distributed as dist
+
+    if dist.is_available() and isinstance(value, dist.ProcessGroup):
+        return value
+    error = ValueError if isinstance(value, str) else TypeError
+    raise error(f"{name}={value!r} is not accepted; accepted: 'auto' (the default group when "
+                "torch.distributed is initialised), None (no reduction), or a "
+                "torch.distributed ProcessGroup")
+
+
 def _bucket(name: str, value: Any) -> float | None:
     if value is not None and (not _is_real(value) or value <= 0):
         raise ValueError(f"{name} must be None (one buffer per destination) or a real number "
@@ -291,7 +304,8 @@ class KFACOptions:
     # Distributed -------------------------------------------------------------------
     process_group: Any = option(
         "auto", "``\"auto\"`` (the default group when torch.distributed is initialised with "
-        "more than one rank), None (no reduction), or a process group.")
+        "more than one rank), None (no reduction), or a torch.distributed ProcessGroup.",
+        _process_group)
     inverse_workers: str = option(
         "replicate", "with several ranks (``kfac_optim.placement``): ``\"replicate\"`` (every "
         "rank computes every inverse), ``\"assign\"`` (each layer's inverse computed by one "

@@ -101,7 +101,9 @@ class KFACPreconditioner:
         ValueError / TypeError: bad options (naming the option and accepted values; an
             unknown keyword gets the closest option names), an unsupported layer
             configuration (naming the layer), or FSDP1 with ``use_orig_params=False`` or
-            given without its wrapper (saying what works).
+            given without its wrapper (saying what works). With several ranks: ranks whose
+            options or layers differ (ValueError on every rank, naming each difference and
+            every rank's value; ``Replicate.check_agreement``).
     """
 
     def __init__(self, model: nn.Module, *, params: Any = None,
@@ -129,6 +131,7 @@ class KFACPreconditioner:
                 capture = capture_for(name, module)
                 rows = self._placement.lowrank.rows_for(capture.out_features)
                 self._layers[name] = KFACLayer(capture, self._policy, rows)
+        self._placement.check_agreement(self._layers)  # same options and layers on every rank
         self._placement.setup(self._layers, self._policy)
         self._capture = StatisticsCapture(self._layers, opts, lambda: self.capturing)
         self._handles = self._capture.register(self.model)
@@ -253,10 +256,13 @@ class KFACPreconditioner:
 
         Raises:
             ValueError: bad ``lr``/``damping``/``kl_clip``, or a KL clip without any lr.
+            RuntimeError: with several ranks, at a factor reduction, ranks out of step
+                (different step counts, or a rank that captured nothing since its last
+                step: an extra ``step()`` call), on every rank.
         """
         self.last_step = settings = StepSettings.resolve(self.options, lr, damping, kl_clip)
         if self.capturing:
-            self._placement.reduce_statistics(self._layers)
+            self._placement.reduce_statistics(self._layers, self.steps)
         counts = self._update_factors()
         # on schedule every layer; otherwise the layers with factors and no inverse yet (no
         # cold start: a layer first seen off schedule is preconditioned from then on)

@@ -413,6 +413,11 @@ def main():
     results["fsdp1-kfac-steps"] = fsdp1_optimizer_steps(rank)
     results["fsdp1-refusals"] = fsdp1_refusals(rank)
     results["owner-fsdp-kfac-steps"] = fsdp_optimizer_steps(rank, inverse_workers="owner")
+    finish(rank, out, results)
+
+
+def finish(rank, out, results):
+    """Rank 0 writes ``results`` to ``out``; every rank leaves the group and exits."""
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f, indent=1)

@@ -16,9 +16,11 @@ Every plan owns its collectives (``kfac_optim.distributed``) and its low-rank re
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..capture import accumulation_dtype
@@ -40,6 +42,25 @@ from .lowrank import GatherReduction
 __all__ = ["Replicate", "Assign", "Owner", "inverse_cost"]
 
 Results = list[tuple[KFACLayer, Tensor, Tensor]]
+
+
+# Options that may differ between ranks: objects, and where a rank keeps its tensors.
+RANK_LOCAL_OPTIONS = ("process_group", "grad_scaler", "inv_device", "woodbury_store_device",
+                      "woodbury_store_threshold_bytes")
+
+
+def fingerprint(options: Any, layers: dict[str, KFACLayer]) -> dict[str, str]:
+    """What every rank must agree on: each option that affects the collectives or the
+    mathematics (all but ``RANK_LOCAL_OPTIONS``), and the layers' names, kinds and shapes."""
+    out = {f.name: repr(getattr(options, f.name)) for f in fields(options)
+           if f.name not in RANK_LOCAL_OPTIONS}
+    out["layers"] = repr([(name, la.capture.kind, la.capture.out_features,
+                           la.capture.in_features) for name, la in layers.items()])
+    return out
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def inverse_cost(layer: KFACLayer, k: int) -> float:
@@ -69,6 +90,30 @@ class Replicate:
     def setup(self, layers: dict[str, KFACLayer], policy: Chooser) -> None:
         """Called once the layers exist (owner mode assigns them)."""
 
+    def check_agreement(self, layers: dict[str, KFACLayer]) -> None:
+        """Compare the options and the layer structure (``fingerprint``) across ranks, once
+        at construction (``all_gather_object``, collective): ranks that disagree would
+        silently train different models or fail inside a collective with a size mismatch.
+        Per-step values (``step(lr=, damping=, kl_clip=)``, a ``KFAC`` optimizer's param
+        groups) are not checked.
+
+        Raises:
+            ValueError: on every rank, naming each option (or ``layers``) that differs and
+                every rank's value.
+        """
+        if self.group is None:
+            return
+        mine = fingerprint(self.options, layers)
+        every: list[Any] = [None] * self.world
+        dist.all_gather_object(every, mine, group=self.group)
+        differ = [key for key in mine if any(fp[key] != mine[key] for fp in every)]
+        if differ:
+            lines = "; ".join(
+                f"{key}: " + ", ".join(f"rank {r}: {_short(fp[key])}" for r, fp in enumerate(every))
+                for key in differ)
+            raise ValueError(f"K-FAC options or layers differ between ranks (every rank must "
+                             f"build K-FAC with the same options on the same model): {lines}")
+
     def owner(self, layer: KFACLayer) -> int | None:
         """The rank that holds ``layer``'s factors alone, or None (every rank)."""
         return None
@@ -83,17 +128,27 @@ class Replicate:
         return None
 
     # Reduction -----------------------------------------------------------------
-    def reduce_statistics(self, layers: dict[str, KFACLayer]) -> None:
+    def reduce_statistics(self, layers: dict[str, KFACLayer], steps: int = 0) -> None:
         """Sum every layer's pending statistics over ranks (docs/design.md, "Distributed").
 
         Every rank contributes every layer, zeros where it saw no rows, so the collective
         calls match; dense sums and counts travel in packed buckets, low-rank G blocks go
         through the low-rank reduction. A layer no rank saw is left with nothing pending.
         With owners the sums and blocks go to the layer's owner only; the others drop them.
+
+        The float64 counts also carry each rank's step count ``steps`` (and its square) and
+        whether it captured statistics since its last step, so that a rank out of step
+        (an extra ``step()`` call, a checkpoint of another step) fails here on every rank
+        instead of blocking a peer in a later collective until the group's timeout.
+
+        Raises:
+            RuntimeError: the ranks' step counts differ, or some ranks captured no
+                statistics since their last step (a ``step()`` without forward/backward).
         """
         if self.group is None:
             return
         opts = self.options
+        fresh = float(any(la.a.pending or la.g.pending for la in layers.values()))
         dense, low_rank, dsts = [], [], []
         for layer in layers.values():
             cap = layer.capture
@@ -111,9 +166,12 @@ class Replicate:
                 sums.append(layer.g.pending_sum)
             dense += sums
             dsts += [self.owner(layer)] * len(sums)
-        reduced = iter(reduce_symmetric(
-            dense, self.group, dst=None if self.owners is None else dsts,
-            comm_dtype=opts.comm_dtype, bucket_bytes=opts.comm_bucket_bytes, stats=self.stats))
+        check = [torch.tensor(float(v), dtype=torch.float64) for v in (steps, steps**2, fresh)]
+        out = reduce_symmetric(
+            dense + check, self.group, dst=None if self.owners is None else dsts + [None] * 3,
+            comm_dtype=opts.comm_dtype, bucket_bytes=opts.comm_bucket_bytes, stats=self.stats)
+        self._check_in_step(steps, fresh, *(float(t) for t in out[len(dense):]))
+        reduced = iter(out[:len(dense)])
         for layer in layers.values():  # None where another rank owns the layer
             layer.a.pending_sum, layer.a.pending_count = next(reduced), next(reduced)
             layer.g.pending_count = next(reduced)
@@ -131,6 +189,27 @@ class Replicate:
                 layer.g.take_batch()
                 if layer.ekfac_rows:
                     layer.ekfac_rows.clear()
+
+    def _check_in_step(self, steps: int, fresh: float, total: float, squares: float,
+                       fed: float) -> None:
+        """Raises RuntimeError unless every rank is at step ``steps`` (sums of the steps and
+        of their squares equal to R times this rank's: no variance) and every rank or none
+        captured statistics (``fed`` ranks did)."""
+        world = self.world
+        if total != world * steps or squares != world * steps**2:
+            others = (f"rank {1 - self.rank} is at step {int(total) - steps}" if world == 2 else
+                      f"the {world} ranks' step counts sum to {int(total)}, not {world * steps}")
+            raise RuntimeError(
+                f"K-FAC ranks out of step: rank {self.rank} is at step {steps}, {others}. Every "
+                "rank must call step() the same number of times, and resume from the same "
+                "step's checkpoint")
+        if fed not in (0.0, float(world)):
+            raise RuntimeError(
+                f"K-FAC ranks out of step at step {steps}: {int(fed)} of {world} ranks captured "
+                f"statistics since their last step (this rank, {self.rank}: "
+                f"{'yes' if fresh else 'no'}); a rank called step() without a forward/backward "
+                "(an extra step() call?): every rank must call step() after each of its "
+                "forward/backward passes, the same number of times")
 
     def reduce_moments(self, moments: Tensor) -> Tensor:
         """EKFAC's eigenbasis second moments (o, d) summed over ranks."""
