@@ -22,7 +22,13 @@ from .capture import StatisticsCapture
 from .distributed import CommStats, resolve_group
 from .factors import eigenbasis_second_moments
 from .layer import KFACLayer, LayerView
-from .layers import LayerCapture, capture_for, fsdp1_root, is_supported, strip_wrapper_names
+from .layers import (
+    LayerCapture,
+    captures_for,
+    fsdp1_root,
+    is_supported,
+    strip_wrapper_names,
+)
 from .options import KFACOptions, StepSettings, options_doc, options_signature
 from .placement import make_placement
 from .policies import make_policy
@@ -56,8 +62,9 @@ class KFACPreconditioner:
         pre = KFACPreconditioner(model, lr=0.1)
         loss.backward(); pre.step(); optimizer.step()
 
-    For each supported layer (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``, Hugging
-    Face ``Conv1D``) with weight gradient ``V`` (o, d), bias as the last column, the
+    For each supported layer (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``,
+    Hugging Face ``Conv1D``; a grouped convolution is one layer per group, named
+    ``name.group{i}``) with weight gradient ``V`` (o, d), trainable bias as the last column, the
     step replaces ``V`` by ``nu * (A (x) G + lambda I)^{-1} vec(V)`` (exact damping)
     or ``nu * (G + lambda_G I)^{-1} V (A + lambda_A I)^{-1}`` (factored damping),
     where A (d, d) and G (o, o) are bias-corrected EMAs of the batch factors
@@ -110,10 +117,11 @@ class KFACPreconditioner:
         self.last_step: StepSettings | None = None
         self._layers: dict[str, KFACLayer] = {}
         with self._whole_parameters(with_grads=False):  # FSDP1: shapes of whole weights
-            for name, module in self._select_modules():
-                capture = capture_for(name, module)
-                rows = self._placement.lowrank.rows_for(capture.out_features)
-                self._layers[name] = KFACLayer(capture, self._policy, rows)
+            chosen = self._select_modules()
+            for name, module in chosen:
+                for capture in captures_for(name, module):
+                    rows = self._placement.lowrank.rows_for(capture.out_features)
+                    self._layers[capture.name] = KFACLayer(capture, self._policy, rows)
         self._placement.setup(self._layers, self._policy)
         self._capture = StatisticsCapture(self._layers, opts, lambda: self.capturing)
         self._handles = self._capture.register(self.model)
