@@ -502,12 +502,21 @@ class EmbeddingCapture(LayerCapture):
         return _weight_view(self.kind, g)
 
 
+def _check_initialised(name: str, module: nn.Module) -> None:
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(False)):
+        raise ValueError(
+            f"layer '{name}' ({type(module).__name__}) is a lazy module whose parameters are not "
+            "initialised yet: run one forward pass of the model before building K-FAC (or add "
+            "it to skip_layers)")
+
+
 def capture_for(name: str, module: nn.Module) -> LayerCapture:
     """Build the capture view for a supported module (a grouped convolution: ``captures_for``).
 
     Raises:
-        ValueError: unsupported configuration of a supported type, or a grouped convolution
-            (one view per group: ``captures_for``); the message names the layer.
+        ValueError: unsupported configuration of a supported type, a lazy module before its
+            first forward, or a grouped convolution (one view per group: ``captures_for``);
+            the message names the layer.
         TypeError: ``module`` is not one of ``SUPPORTED_MODULES``.
     """
     kind = layer_kind(module)
@@ -516,6 +525,7 @@ def capture_for(name: str, module: nn.Module) -> LayerCapture:
             f"layer '{name}' of type {type(module).__name__} is not supported "
             f"(accepted: {', '.join(SUPPORTED_MODULES)})"
         )
+    _check_initialised(name, module)
     if getattr(module, "groups", 1) != 1:
         raise ValueError(f"layer '{name}': a convolution with groups={module.groups} is "
                          "one K-FAC block per group: use captures_for")
@@ -534,6 +544,7 @@ def captures_for(name: str, module: nn.Module) -> list[LayerCapture]:
     groups = getattr(module, "groups", 1)
     if layer_kind(module) not in _CONVOLUTIONS or groups == 1:
         return [capture_for(name, module)]
+    _check_initialised(name, module)
     prefix = f"{name}." if name else ""
     return [ConvCapture(f"{prefix}{_GROUP}{i}", module, group=i) for i in range(groups)]
 

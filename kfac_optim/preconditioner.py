@@ -93,8 +93,9 @@ class KFACPreconditioner:
     Raises:
         ValueError / TypeError: bad options (naming the option and accepted values; an
             unknown keyword gets the closest option names), an unsupported layer
-            configuration (naming the layer), or FSDP1 with ``use_orig_params=False`` or
-            given without its wrapper (saying what works).
+            configuration or a lazy module before its first forward (naming the layer), or
+            FSDP1 with ``use_orig_params=False`` or given without its wrapper (saying what
+            works).
     """
 
     def __init__(self, model: nn.Module, *, options: KFACOptions | None = None,

@@ -176,6 +176,16 @@ def test_frozen_bias_is_a_constant():
     torch.testing.assert_close(layer.weight.grad, kron_exact(v, a, gg, DAMPING), **TOL)
 
 
+# 4. Lazy modules --------------------------------------------------------------------
+
+def test_lazy_module_before_its_first_forward_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.LazyLinear(3))
+    with pytest.raises(ValueError, match=r"'2'.*LazyLinear.*run one forward"):
+        KFACPreconditioner(model, kl_clip=None)
+    model(torch.randn(2, 4))
+    assert _pre(model).layer_names == ["0", "2"]
+
+
 def test_kfac_fisher_follows_the_registry():
     """fisher_metrics reads the same layers: a frozen bias has no column; the groups of a
     grouped convolution share their parameters, so KFACFisher lists them as skipped."""
