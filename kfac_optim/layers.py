@@ -41,17 +41,18 @@ here imports ``fisher_metrics``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["IGNORE_INDEX", "LAYER_KINDS", "LayerCapture",
+__all__ = ["IGNORE_INDEX", "KFACCoverageWarning", "LAYER_KINDS", "LayerCapture",
            "SUPPORTED_MODULES", "capture_for", "captures_for", "fsdp1_root", "is_causal_lm",
            "is_supported", "layer_bias", "layer_kind", "matrix_shape", "parameters_from_matrix",
-           "split_group_name", "strip_wrapper_names", "weight_matrix"]
+           "split_group_name", "strip_wrapper_names", "warn_coverage", "weight_matrix"]
 
 SUPPORTED_MODULES = ("Linear", "Conv1d", "Conv2d", "Embedding", "transformers Conv1D")
 LAYER_KINDS = ("linear", "conv1d", "conv2d", "nn_conv1d", "embedding")
@@ -101,6 +102,56 @@ def layer_bias(module: nn.Module) -> Tensor | None:
     output, no column of ones in A and no gradient created for it)."""
     bias = getattr(module, "bias", None)
     return bias if isinstance(bias, Tensor) and bias.requires_grad else None
+
+
+class KFACCoverageWarning(UserWarning):
+    """Trainable parameters that K-FAC leaves to the base update (said once, at construction;
+    ``warnings.filterwarnings("ignore", category=KFACCoverageWarning)`` silences it)."""
+
+
+def _listing(entries: list[tuple[str, str]], limit: int = 6) -> str:
+    """``[(type, name)]`` -> ``"LayerNorm x2 ('a', 'b')"``, one entry per type."""
+    by_type: dict[str, list[str]] = {}
+    for kind, name in entries:
+        by_type.setdefault(kind, []).append(name)
+    parts = []
+    for kind, names in by_type.items():
+        shown = ", ".join(repr(n) for n in names[:limit]) + (", ..." if len(names) > limit else "")
+        parts.append(f"{kind} x{len(names)} ({shown})")
+    return "; ".join(parts)
+
+
+def warn_coverage(model: nn.Module, preconditioned: Iterable[nn.Module],
+                  skipped: Callable[[str, nn.Module], bool]) -> None:
+    """One ``KFACCoverageWarning`` when some trainable parameter of ``model`` is left to the
+    base update, or no layer is preconditioned (docs/design.md, "Must hold" 7): it lists the
+    supported layers ``skipped(name, module)`` leaves out (``skip_layers``) and the other
+    modules holding trainable parameters K-FAC does not precondition (LayerNorm, ...), with
+    counts. Parameters tied to a preconditioned weight count as preconditioned.
+    """
+    modules = list(preconditioned)
+    covered = {id(p) for m in modules for p in (m.weight, layer_bias(m)) if p is not None}
+    by_skip, others, count, numel = [], [], 0, 0
+    for wrapped_name, module in model.named_modules():
+        name = strip_wrapper_names(wrapped_name)
+        left = [p for p in module.parameters(recurse=False)
+                if p.requires_grad and id(p) not in covered]
+        if not left:
+            continue
+        covered.update(id(p) for p in left)
+        count += len(left)
+        numel += sum(p.numel() for p in left)
+        entry = (type(module).__name__, name or "<root>")
+        (by_skip if is_supported(module) and skipped(name, module) else others).append(entry)
+    if modules and not count:
+        return
+    what = [f"skipped by skip_layers: {_listing(by_skip)}"] if by_skip else []
+    if others:
+        what.append(f"not preconditioned: {_listing(others)}")
+    head = "K-FAC preconditions no layer of this model; " if not modules else "K-FAC: "
+    warnings.warn(f"{head}{count} trainable parameter tensors ({numel} elements) are left to "
+                  f"the base update: {' | '.join(what) or 'none'}", KFACCoverageWarning,
+                  stacklevel=3)
 
 
 def is_causal_lm(model: nn.Module) -> bool:

@@ -28,6 +28,7 @@ from .layers import (
     fsdp1_root,
     is_supported,
     strip_wrapper_names,
+    warn_coverage,
 )
 from .options import KFACOptions, StepSettings, options_doc, options_signature
 from .placement import make_placement
@@ -96,6 +97,11 @@ class KFACPreconditioner:
             configuration or a lazy module before its first forward (naming the layer), or
             FSDP1 with ``use_orig_params=False`` or given without its wrapper (saying what
             works).
+
+    Warns:
+        KFACCoverageWarning: once, when trainable parameters are left to the base update
+            (listing the supported layers ``skip_layers`` skipped and the other modules
+            holding them, with counts) or no layer is preconditioned.
     """
 
     def __init__(self, model: nn.Module, *, options: KFACOptions | None = None,
@@ -123,6 +129,9 @@ class KFACPreconditioner:
                 for capture in captures_for(name, module):
                     rows = self._placement.lowrank.rows_for(capture.out_features)
                     self._layers[capture.name] = KFACLayer(capture, self._policy, rows)
+            warn_coverage(self.model, [m for _, m in chosen],
+                          lambda name, module: self.options.skips(strip_wrapper_names(name),
+                                                                  module))
         self._placement.setup(self._layers, self._policy)
         self._capture = StatisticsCapture(self._layers, opts, lambda: self.capturing)
         self._handles = self._capture.register(self.model)

@@ -6,12 +6,14 @@ explicit padded patches by loops, per-sample gradients from torch.func) or the c
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kfac_optim import KFACPreconditioner
+from kfac_optim import KFACCoverageWarning, KFACPreconditioner
 from tests.kfac_reference import factors, kron_exact, linear_rows, probe_layer
 
 DAMPING = 3e-2
@@ -27,8 +29,10 @@ def _float64_default():
 
 
 def _pre(model, **kwargs):
-    return KFACPreconditioner(model, damping=DAMPING, factor_update_steps=1,
-                              inv_update_steps=1, kl_clip=None, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", KFACCoverageWarning)
+        return KFACPreconditioner(model, damping=DAMPING, factor_update_steps=1,
+                                  inv_update_steps=1, kl_clip=None, **kwargs)
 
 
 def _step(model, pre, x, y):
@@ -184,6 +188,23 @@ def test_lazy_module_before_its_first_forward_is_a_clear_error():
         KFACPreconditioner(model, kl_clip=None)
     model(torch.randn(2, 4))
     assert _pre(model).layer_names == ["0", "2"]
+
+
+# 6. Coverage warning -----------------------------------------------------------------
+
+def test_parameters_left_to_the_base_update_are_said_once():
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    with pytest.warns(KFACCoverageWarning) as caught:
+        KFACPreconditioner(model, kl_clip=None, skip_layers=("^2$",))
+    assert len(caught) == 1
+    text = str(caught[0].message)
+    assert "skipped by skip_layers: Linear x1 ('2')" in text and "LayerNorm x1 ('1')" in text
+    assert "4 trainable parameter tensors" in text
+    with pytest.warns(KFACCoverageWarning, match="preconditions no layer"):
+        KFACPreconditioner(nn.LayerNorm(3), kl_clip=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KFACPreconditioner(nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3)), kl_clip=None)
 
 
 def test_kfac_fisher_follows_the_registry():
