@@ -336,12 +336,16 @@ class LayerCapture:
         rows: the rows of the module's weight matrix this view preconditions (one group of
             a grouped convolution), or None for all of them.
         diagonal_a: True when A is stored as its diagonal (Embedding).
+        positions_are_loss_terms: under ``kfac_approx="expand"`` each shared position is
+            its own loss term (a token-level loss; EKFAC squares per row); False for
+            convolutions, whose loss term is the sample (EKFAC squares its summed gradient).
         in_features: ``d`` including the bias column (a frozen bias has none).
         out_features: ``o`` (the group's output channels when ``rows`` is set).
     """
 
     kind = "linear"
     diagonal_a = False
+    positions_are_loss_terms = True
 
     def __init__(self, name: str, module: nn.Module, rows: slice | None = None):
         self.name = name
@@ -478,6 +482,7 @@ class ConvCapture(LayerCapture):
     """
 
     kind = "conv2d"
+    positions_are_loss_terms = False
 
     def __init__(self, name: str, module: nn.Conv1d | nn.Conv2d, group: int | None = None):
         self.kind = layer_kind(module)

@@ -307,8 +307,9 @@ class KFACPreconditioner:
             layer.densify()
 
     def _update_eigenvalue_corrections(self, counts: dict[str, Tensor]) -> None:
-        """EKFAC: this update's second moments in the current eigenbasis, summed over rows
-        (and ranks) and divided by N, folded into the inverse's corrected eigenvalues."""
+        """EKFAC: this update's second moments in the current eigenbasis, summed over loss
+        terms (rows, or samples of a weight-shared layer: ``eigenbasis_second_moments``) and
+        ranks and divided by N, folded into the inverse's corrected eigenvalues."""
         for name, layer in self._layers.items():
             if layer.ekfac_rows is None or name not in counts:
                 continue

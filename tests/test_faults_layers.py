@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
 from kfac_optim import KFACCoverageWarning, KFACPreconditioner
 from tests.kfac_reference import factors, kron_exact, linear_rows, probe_layer
@@ -188,6 +189,50 @@ def test_lazy_module_before_its_first_forward_is_a_clear_error():
         KFACPreconditioner(model, kl_clip=None)
     model(torch.randn(2, 4))
     assert _pre(model).layer_names == ["0", "2"]
+
+
+# 5. EKFAC on weight-shared layers ---------------------------------------------------
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_conv_ekfac_moments_are_per_sample_gradients_squared(approx):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(3 * 16, 4))
+    x, y = torch.randn(6, 2, 4, 4), torch.randint(0, 4, (6,))
+    pre = _pre(model, eigenvalue_correction=True, kfac_approx=approx)
+    _step(model, pre, x, y)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xn, yn):
+        out = functional_call(model, p, (xn[None],))
+        return F.cross_entropy(out, yn[None])
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    gw = torch.cat([per_sample["0.weight"].reshape(6, 3, -1), per_sample["0.bias"][..., None]], 2)
+    q_a, q_g = pre.layers["0"].inverse.eigenbasis
+    ref = ((q_g.T @ gw @ q_a) ** 2).mean(0)
+    got = pre.layers["0"].inverse.corrections.value()
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_token_loss_ekfac_stays_per_position():
+    """A per-token loss under "expand": every position is a loss term (the current formula)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(2, 3, 4), torch.randint(0, 3, (2, 3))
+
+    def run(m):
+        return F.cross_entropy(m(x).reshape(-1, 3), y.reshape(-1), reduction="sum")
+
+    xi, g = probe_layer(model[0], lambda: run(model))
+    a_rows, g_rows = linear_rows(xi, g, True)
+    pre = _pre(model, eigenvalue_correction=True)
+    model.zero_grad()
+    (run(model) / 6).backward()
+    pre.step()
+    q_a, q_g = pre.layers["0"].inverse.eigenbasis
+    ref = ((g_rows @ q_g) ** 2).T @ (a_rows @ q_a) ** 2 / 6
+    torch.testing.assert_close(pre.layers["0"].inverse.corrections.value(), ref, **TOL)
 
 
 # 6. Coverage warning -----------------------------------------------------------------
