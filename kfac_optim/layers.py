@@ -354,6 +354,7 @@ class LayerCapture:
         # Decided once: a bias frozen at construction is a constant, not a parameter.
         self._bias_trainable = layer_bias(module) is not None
         # Read once, while the weight is whole: FSDP1 leaves a flat shard between steps.
+        self._module_shape = matrix_shape(self.kind, self.weight.shape)
         self._shape = self._weight_shape()
 
     @property
@@ -397,7 +398,7 @@ class LayerCapture:
         return self._shape[1] + int(self.has_bias)
 
     def _weight_shape(self) -> tuple[int, int]:
-        o, d = matrix_shape(self.kind, self.weight.shape)
+        o, d = self._module_shape
         return (o, d) if self.rows is None else (len(range(o)[self.rows]), d)
 
     def has_grad(self) -> bool:
@@ -406,6 +407,11 @@ class LayerCapture:
     def _module_grad_matrix(self) -> Tensor:
         """The whole module's gradient as ``(o_module, d [+1])``."""
         v = self._weight_matrix_grad()
+        if tuple(v.shape) != self._module_shape:
+            raise RuntimeError(
+                f"layer '{self.name}': gradient of shape {tuple(self.weight.grad.shape)}, not "
+                f"the whole weight's (o, d) = {self._module_shape}: a flat shard, as FSDP1 "
+                f"leaves between steps; {_FSDP1_WORKS}")
         if self.has_bias:
             b = self.bias.grad
             v = _with_bias(v, torch.zeros_like(v[:, 0]) if b is None else _full(b))
@@ -419,12 +425,6 @@ class LayerCapture:
                 was built before wrapping, or is stepped outside its gather).
         """
         v = self._module_grad_matrix()
-        o = v.shape[0] if self.rows is None else len(range(v.shape[0])[self.rows])
-        if (o, v.shape[1] - int(self.has_bias)) != self._shape:
-            raise RuntimeError(
-                f"layer '{self.name}': gradient of shape {tuple(self.weight.grad.shape)}, not "
-                f"the whole weight's (o, d) = {self._shape}: a flat shard, as FSDP1 leaves "
-                f"between steps; {_FSDP1_WORKS}")
         return v if self.rows is None else v[self.rows]
 
     def set_grad_matrix(self, v: Tensor) -> None:
