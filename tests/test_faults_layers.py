@@ -15,18 +15,15 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from kfac_optim import KFACCoverageWarning, KFACPreconditioner
-from tests.kfac_reference import factors, kron_exact, linear_rows, probe_layer
-
-DAMPING = 3e-2
-TOL = dict(rtol=1e-7, atol=1e-9)
-
-
-@pytest.fixture(autouse=True)
-def _float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+from tests.kfac_reference import (  # noqa: F401 (float64_default: autouse fixture)
+    factors,
+    float64_default,
+    kron_exact,
+    linear_rows,
+    probe_layer,
+)
+from tests.test_kfac_behaviour import _train_step as _step
+from tests.test_kfac_numerics import DAMPING, TOL
 
 
 def _pre(model, **kwargs):
@@ -34,12 +31,6 @@ def _pre(model, **kwargs):
         warnings.simplefilter("ignore", KFACCoverageWarning)
         return KFACPreconditioner(model, damping=DAMPING, factor_update_steps=1,
                                   inv_update_steps=1, kl_clip=None, **kwargs)
-
-
-def _step(model, pre, x, y):
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    pre.step()
 
 
 # 1. nn.Conv1d is the (1, k) Conv2d -------------------------------------------------
