@@ -52,9 +52,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kfac_optim.layers import (
     LAYER_KINDS,
+    SUPPORTED_MODULES,
+    layer_bias,
     layer_kind,
     matrix_shape,
     parameters_from_matrix,
+    split_group_name,
     weight_matrix,
 )
 from kfac_optim.state import g_rows, preconditioner_state, read_factors
@@ -274,6 +277,11 @@ class KFACFisher(FisherRepresentation):
         try:
             module = model.get_submodule(name)
         except AttributeError as err:
+            base, group = split_group_name(name)
+            parent = dict(model.named_modules()).get(base) if group is not None else None
+            if layer_kind(parent) is not None and getattr(parent, "groups", 1) > 1:
+                return (f"group {group} of the grouped convolution {base!r}: a block-diagonal "
+                        "Fisher needs each parameter in one layer, and the groups share theirs")
             raise ValueError(
                 f"K-FAC state layer {name!r} is not a module of the model (state of another model?)"
             ) from err
@@ -281,10 +289,10 @@ class KFACFisher(FisherRepresentation):
         if kind is None:
             raise ValueError(
                 f"K-FAC state layer {name!r} is a {type(module).__name__}; supported: "
-                "nn.Linear, nn.Conv2d, nn.Embedding, transformers Conv1D"
+                f"{', '.join(SUPPORTED_MODULES)}"
             )
         weight = module.weight
-        bias = getattr(module, "bias", None)
+        bias = layer_bias(module)  # None when absent or frozen (no column in A)
         o, d = matrix_shape(kind, weight.shape, bias is not None)
         rows = g_rows(entry, name)
         if rows is not None:

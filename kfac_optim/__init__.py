@@ -8,11 +8,11 @@ the per-layer view ``LayerView`` (``KFACPreconditioner.layers``) and ``upgrade_s
 
 from ._version import __version__ as __version__
 from .layer import LayerView
-from .layers import SUPPORTED_MODULES
+from .layers import SUPPORTED_MODULES, KFACCoverageWarning
 from .optimizer import KFAC
 from .options import INVERSE_POLICIES, KFACOptions
 from .preconditioner import KFACPreconditioner
 from .state import upgrade_state
 
 __all__ = ["KFAC", "KFACPreconditioner", "KFACOptions", "INVERSE_POLICIES", "SUPPORTED_MODULES",
-           "LayerView", "upgrade_state"]
+           "KFACCoverageWarning", "LayerView", "upgrade_state"]

@@ -244,7 +244,28 @@ class StatisticsCapture:
             ctx.counted.add(id(layer))
         layer.a.add_sum(a_sum, t)
         if layer.ekfac_rows is not None:
-            layer.ekfac_rows.append((a_rows, g_rows))
+            layer.ekfac_rows.append(self._ekfac_terms(cap, rows, mask, grad, scale, a_rows,
+                                                      g_rows, approx, dtype))
         if layer.low_rank and mask is not None and approx == "expand":
             g_rows = g_rows[mask.reshape(-1).bool()]  # padding rows are zero columns of U
         layer.g.add(g_rows, n if first else 0.0)
+
+    @staticmethod
+    def _ekfac_terms(cap: LayerCapture, rows: Tensor, mask: Tensor | None, grad: Tensor,
+                     scale: float | Tensor, a_rows: Tensor, g_rows: Tensor, approx: str,
+                     dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The rows EKFAC squares, grouped by loss term (docs/design.md, "Weight sharing and
+        EKFAC"): ``(a (rows, d), g (rows, o))`` when every row is a loss term (a position of
+        a token-level loss under ``"expand"``, or a layer without weight sharing), else
+        ``(a (B, R, d), g (B, R, o))``, the unreduced rows of each sample, whose gradient
+        ``sum_r g_{n,r} a_{n,r}^T`` is the loss term's (a convolution: one loss per image;
+        ``"reduce"``: one loss per sequence)."""
+        if cap.diagonal_a or (approx == "expand" and cap.positions_are_loss_terms):
+            return a_rows, g_rows
+        if approx != "expand":
+            a_rows, _ = input_rows(rows, mask, has_bias=cap.has_bias, approx="expand",
+                                   dtype=dtype)
+            g_rows = output_grad_rows(cap.output_grad_rows(grad), mask, scale=scale,
+                                      approx="expand", dtype=dtype)
+        shape = rows.shape[:2]
+        return a_rows.reshape(*shape, -1), g_rows.reshape(*shape, -1)

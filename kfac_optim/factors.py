@@ -129,16 +129,21 @@ def output_grad_rows(
 def eigenbasis_second_moments(
     a: Tensor, g: Tensor, q_a: Tensor | None, q_g: Tensor, num_embeddings: int = 0
 ) -> Tensor:
-    """EKFAC statistics (George et al. 2018, Eq. 10): sum over rows of the squared
-    per-row gradient ``g_t a_t^T`` in the Kronecker eigenbasis.
+    """EKFAC statistics (George et al. 2018, Eq. 10): sum over loss terms of the squared
+    gradient of each term in the Kronecker eigenbasis.
 
-    ``S = sum_t (Q_G^T g_t)^2 ((Q_A^T a_t)^2)^T``; divided by N it replaces the K-FAC
-    eigenvalues ``s_G s_A^T``.
+    Rows that are loss terms (2-D ``a``, ``g``): ``S = sum_t (Q_G^T g_t)^2 ((Q_A^T
+    a_t)^2)^T``. Samples whose positions share the weight (3-D ``a``, ``g``): ``S = sum_n
+    (Q_G^T (sum_r g_{n,r} a_{n,r}^T) Q_A)^2`` elementwise, squared after the sum over the
+    sample's positions (docs/design.md, "Weight sharing and EKFAC"). Divided by N it replaces
+    the K-FAC eigenvalues ``s_G s_A^T``.
 
     Args:
-        a: ``(rows, d)`` input rows (bias column included, padding rows zero), or for a
-            diagonal A (Embedding, ``q_a`` None, one-hot rows) the ``(rows,)`` token ids.
-        g: ``(rows, o)`` output-gradient rows of the summed loss (padding rows zero).
+        a: ``(rows, d)`` or ``(B, R, d)`` input rows (bias column included, padding rows
+            zero), or for a diagonal A (Embedding, ``q_a`` None, one-hot rows) the
+            ``(rows,)`` token ids.
+        g: ``(rows, o)`` or ``(B, R, o)`` output-gradient rows of the summed loss (padding
+            rows zero).
         q_a: ``(d, d)`` eigenvectors of A, or None for a diagonal A.
         q_g: ``(o, o)`` eigenvectors of G.
         num_embeddings: ``d`` when ``q_a`` is None.
@@ -146,6 +151,9 @@ def eigenbasis_second_moments(
     Returns:
         ``(o, d)``.
     """
+    if g.dim() == 3:
+        per_sample = torch.einsum("bro,brd->bod", g @ q_g, a @ q_a)
+        return (per_sample**2).sum(0)
     pg = (g @ q_g) ** 2
     if q_a is None:
         out = torch.zeros(num_embeddings, pg.shape[1], dtype=pg.dtype, device=pg.device)

@@ -39,7 +39,8 @@ class KFACLayer:
     Attributes:
         a, g: running factors; ``g`` is a ``LowRankFactor`` while G is low-rank.
         inverse: the last good ``Inverse`` (None before the first inverse update).
-        ekfac_rows: None, or the ``(a_rows, g_rows)`` of the current factor update (EKFAC).
+        ekfac_rows: None, or the ``(a, g)`` rows of the current factor update (EKFAC),
+            ``(rows, ·)`` or per sample ``(B, R, ·)`` (``StatisticsCapture._ekfac_terms``).
         positional: looked up with ids shared across the batch: left to the base update.
         diag: factor-side diagnostics (``T``, ``dropped_G``).
     """

@@ -20,12 +20,20 @@ here imports ``fisher_metrics``):
 
 - ``LAYER_KINDS`` / ``layer_kind(module)``: ``"linear"`` (``nn.Linear``), ``"conv1d"``
   (Hugging Face ``transformers.pytorch_utils.Conv1D``), ``"conv2d"`` (``nn.Conv2d``),
-  ``"embedding"`` (``nn.Embedding``); each ``LayerCapture`` subclass names its ``kind``.
+  ``"nn_conv1d"`` (``torch.nn.Conv1d``), ``"embedding"`` (``nn.Embedding``); each
+  ``LayerCapture`` subclass names its ``kind``.
+- ``captures_for(name, module)``: the K-FAC blocks of one module: one view, or for a grouped
+  convolution (``groups > 1``) one view per group, named ``name + ".group{i}"``, each over
+  its slice of input channels, output channels and weight rows (docs/design.md, "Grouped
+  convolutions").
+- ``layer_bias(module)``: the bias K-FAC treats as a parameter (None when absent or
+  frozen: a frozen bias is a constant shift, no column of ones in A).
 - The weight-matrix convention on plain tensors: ``matrix_shape``, ``weight_matrix`` and
   ``parameters_from_matrix``. ``nn.Linear`` weight ``(o, d)`` is ``W``; ``Conv1D`` stores
   ``(d, o)`` (``W^T``); ``nn.Conv2d`` weight ``(o, C, kh, kw)`` is ``W`` reshaped to
-  ``(o, C kh kw)``; ``nn.Embedding`` weight ``(V, D)`` is ``W^T`` with ``o = D``, ``d = V``.
-  The bias, when present, is the last column. ``grad_matrix`` / ``set_grad_matrix`` are
+  ``(o, C kh kw)`` (``nn.Conv1d``: ``(o, C, k)`` to ``(o, C k)``; grouped: ``C / groups``);
+  ``nn.Embedding`` weight ``(V, D)`` is ``W^T`` with ``o = D``, ``d = V``. The bias, when
+  present and trainable, is the last column. ``grad_matrix`` / ``set_grad_matrix`` are
   these functions applied to the gradients.
 - Hugging Face losses: ``IGNORE_INDEX`` (labels that are not loss terms) and
   ``is_causal_lm(model)`` (the model shifts its labels by one).
@@ -33,21 +41,25 @@ here imports ``fisher_metrics``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["IGNORE_INDEX", "LAYER_KINDS", "LayerCapture", "SUPPORTED_MODULES", "capture_for",
-           "fsdp1_root", "is_causal_lm", "is_supported", "layer_kind", "matrix_shape",
-           "parameters_from_matrix", "strip_wrapper_names", "weight_matrix"]
+__all__ = ["IGNORE_INDEX", "KFACCoverageWarning", "LAYER_KINDS", "LayerCapture",
+           "SUPPORTED_MODULES", "capture_for", "captures_for", "fsdp1_root", "is_causal_lm",
+           "is_supported", "layer_bias", "layer_kind", "matrix_shape", "parameters_from_matrix",
+           "split_group_name", "strip_wrapper_names", "warn_coverage", "weight_matrix"]
 
-SUPPORTED_MODULES = ("Linear", "Conv2d", "Embedding", "transformers Conv1D")
-LAYER_KINDS = ("linear", "conv1d", "conv2d", "embedding")
+SUPPORTED_MODULES = ("Linear", "Conv1d", "Conv2d", "Embedding", "transformers Conv1D")
+LAYER_KINDS = ("linear", "conv1d", "conv2d", "nn_conv1d", "embedding")
 # Kinds whose stored weight is the transpose of the K-FAC matrix W (o, d).
 _TRANSPOSED = ("conv1d", "embedding")
+# torch convolutions: weight (o, C / groups, *kernel) reshaped to (o, C / groups prod(kernel)).
+_CONVOLUTIONS = ("conv2d", "nn_conv1d")
 
 IGNORE_INDEX = -100
 """Label value that is not a loss term (PyTorch's ``cross_entropy`` and Hugging Face default)."""
@@ -65,12 +77,15 @@ def layer_kind(module: nn.Module) -> str | None:
 
     ``"conv1d"`` is the Hugging Face ``transformers.pytorch_utils.Conv1D`` (recognised by
     its class name and module, without importing transformers; subclasses too, such as
-    the ``FSDPConv1D`` that FSDP2's ``fully_shard`` makes of it).
+    the ``FSDPConv1D`` that FSDP2's ``fully_shard`` makes of it); ``"nn_conv1d"`` is
+    ``torch.nn.Conv1d``.
     """
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
+    if isinstance(module, nn.Conv1d):
+        return "nn_conv1d"
     if isinstance(module, nn.Embedding):
         return "embedding"
     if _is_hf_conv1d(module):
@@ -81,6 +96,64 @@ def layer_kind(module: nn.Module) -> str | None:
 def is_supported(module: nn.Module) -> bool:
     """Whether ``module`` is a layer type K-FAC preconditions (see ``SUPPORTED_MODULES``)."""
     return layer_kind(module) is not None
+
+
+def layer_bias(module: nn.Module) -> Tensor | None:
+    """The bias K-FAC preconditions with the weight (the last column of ``W``), or None when
+    the module has none or it is frozen (``requires_grad=False``: a constant shift of the
+    output, no column of ones in A and no gradient created for it)."""
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, Tensor) and bias.requires_grad else None
+
+
+class KFACCoverageWarning(UserWarning):
+    """Trainable parameters that K-FAC leaves to the base update (said once, at construction;
+    ``warnings.filterwarnings("ignore", category=KFACCoverageWarning)`` silences it)."""
+
+
+def _listing(entries: list[tuple[str, str]], limit: int = 6) -> str:
+    """``[(type, name)]`` -> ``"LayerNorm x2 ('a', 'b')"``, one entry per type."""
+    by_type: dict[str, list[str]] = {}
+    for kind, name in entries:
+        by_type.setdefault(kind, []).append(name)
+    parts = []
+    for kind, names in by_type.items():
+        shown = ", ".join(repr(n) for n in names[:limit]) + (", ..." if len(names) > limit else "")
+        parts.append(f"{kind} x{len(names)} ({shown})")
+    return "; ".join(parts)
+
+
+def warn_coverage(model: nn.Module, preconditioned: Iterable[nn.Module],
+                  skipped: Callable[[str, nn.Module], bool]) -> None:
+    """One ``KFACCoverageWarning`` when some trainable parameter of ``model`` is left to the
+    base update, or no layer is preconditioned (docs/design.md, "Must hold" 7): it lists the
+    supported layers ``skipped(name, module)`` leaves out (``skip_layers``) and the other
+    modules holding trainable parameters K-FAC does not precondition (LayerNorm, ...), with
+    counts. Parameters tied to a preconditioned weight count as preconditioned.
+    """
+    modules = list(preconditioned)
+    covered = {id(p) for m in modules for p in (m.weight, layer_bias(m)) if p is not None}
+    by_skip, others, count, numel = [], [], 0, 0
+    for wrapped_name, module in model.named_modules():
+        name = strip_wrapper_names(wrapped_name)
+        left = [p for p in module.parameters(recurse=False)
+                if p.requires_grad and id(p) not in covered]
+        if not left:
+            continue
+        covered.update(id(p) for p in left)
+        count += len(left)
+        numel += sum(p.numel() for p in left)
+        entry = (type(module).__name__, name or "<root>")
+        (by_skip if is_supported(module) and skipped(name, module) else others).append(entry)
+    if modules and not count:
+        return
+    what = [f"skipped by skip_layers: {_listing(by_skip)}"] if by_skip else []
+    if others:
+        what.append(f"not preconditioned: {_listing(others)}")
+    head = "K-FAC preconditions no layer of this model; " if not modules else "K-FAC: "
+    warnings.warn(f"{head}{count} trainable parameter tensors ({numel} elements) are left to "
+                  f"the base update: {' | '.join(what) or 'none'}", KFACCoverageWarning,
+                  stacklevel=3)
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -139,7 +212,7 @@ def _weight_view(kind: str, weight: Tensor) -> Tensor:
     """The weight (or its gradient) as ``(o, d)``, a view where possible."""
     if kind in _TRANSPOSED:
         return weight.t()
-    if kind == "conv2d":
+    if kind in _CONVOLUTIONS:
         return weight.reshape(weight.shape[0], -1)
     return weight
 
@@ -259,20 +332,31 @@ class LayerCapture:
 
     Attributes:
         kind: the layer kind, one of ``LAYER_KINDS`` (the weight-matrix convention).
-        name: the module's qualified name in the model.
+        name: the module's qualified name in the model (``name.group{i}`` for one group
+            of a grouped convolution).
         module: the module itself.
+        rows: the rows of the module's weight matrix this view preconditions (one group of
+            a grouped convolution), or None for all of them.
         diagonal_a: True when A is stored as its diagonal (Embedding).
-        in_features: ``d`` including the bias column.
-        out_features: ``o``.
+        positions_are_loss_terms: under ``kfac_approx="expand"`` each shared position is
+            its own loss term (a token-level loss; EKFAC squares per row); False for
+            convolutions, whose loss term is the sample (EKFAC squares its summed gradient).
+        in_features: ``d`` including the bias column (a frozen bias has none).
+        out_features: ``o`` (the group's output channels when ``rows`` is set).
     """
 
     kind = "linear"
     diagonal_a = False
+    positions_are_loss_terms = True
 
-    def __init__(self, name: str, module: nn.Module):
+    def __init__(self, name: str, module: nn.Module, rows: slice | None = None):
         self.name = name
         self.module = module
+        self.rows = rows
+        # Decided once: a bias frozen at construction is a constant, not a parameter.
+        self._bias_trainable = layer_bias(module) is not None
         # Read once, while the weight is whole: FSDP1 leaves a flat shard between steps.
+        self._module_shape = matrix_shape(self.kind, self.weight.shape)
         self._shape = self._weight_shape()
 
     @property
@@ -281,7 +365,8 @@ class LayerCapture:
 
     @property
     def bias(self) -> Tensor | None:
-        return getattr(self.module, "bias", None)
+        """The trainable bias, or None (absent, or frozen at construction)."""
+        return getattr(self.module, "bias", None) if self._bias_trainable else None
 
     @property
     def has_bias(self) -> bool:
@@ -315,31 +400,42 @@ class LayerCapture:
         return self._shape[1] + int(self.has_bias)
 
     def _weight_shape(self) -> tuple[int, int]:
-        return matrix_shape(self.kind, self.weight.shape)
+        o, d = self._module_shape
+        return (o, d) if self.rows is None else (len(range(o)[self.rows]), d)
 
     def has_grad(self) -> bool:
         return self.weight.grad is not None
 
-    def grad_matrix(self) -> Tensor:
-        """Gradient as ``(o, d [+1])``, bias gradient as the last column.
-
-        Raises:
-            RuntimeError: the gradient is not the whole weight's (an FSDP1 flat shard: K-FAC
-                was built before wrapping, or is stepped outside its gather).
-        """
+    def _module_grad_matrix(self) -> Tensor:
+        """The whole module's gradient as ``(o_module, d [+1])``."""
         v = self._weight_matrix_grad()
-        if tuple(v.shape) != self._shape:
+        if tuple(v.shape) != self._module_shape:
             raise RuntimeError(
                 f"layer '{self.name}': gradient of shape {tuple(self.weight.grad.shape)}, not "
-                f"the whole weight's (o, d) = {self._shape}: a flat shard, as FSDP1 leaves "
-                f"between steps; {_FSDP1_WORKS}")
+                f"the whole weight's (o, d) = {self._module_shape}: a flat shard, as FSDP1 "
+                f"leaves between steps; {_FSDP1_WORKS}")
         if self.has_bias:
             b = self.bias.grad
             v = _with_bias(v, torch.zeros_like(v[:, 0]) if b is None else _full(b))
         return v
 
+    def grad_matrix(self) -> Tensor:
+        """Gradient as ``(o, d [+1])``, bias gradient as the last column (this view's rows).
+
+        Raises:
+            RuntimeError: the gradient is not the whole weight's (an FSDP1 flat shard: K-FAC
+                was built before wrapping, or is stepped outside its gather).
+        """
+        v = self._module_grad_matrix()
+        return v if self.rows is None else v[self.rows]
+
     def set_grad_matrix(self, v: Tensor) -> None:
-        """Write a ``(o, d [+1])`` matrix back into the parameters' ``.grad``."""
+        """Write a ``(o, d [+1])`` matrix back into the parameters' ``.grad`` (this view's
+        rows only; the other rows keep their gradient)."""
+        if self.rows is not None:
+            whole = self._module_grad_matrix().clone()
+            whole[self.rows] = v
+            v = whole
         weight, bias = parameters_from_matrix(self.kind, v, self.weight.shape, self.has_bias)
         if bias is not None:
             if self.bias.grad is None:
@@ -360,58 +456,68 @@ class HFConv1DCapture(LayerCapture):
     kind = "conv1d"
 
 
-class Conv2dCapture(LayerCapture):
-    """``nn.Conv2d`` as in KFC (Grosse & Martens 2016): rows are im2col patches.
+def _conv_padding(module: nn.Conv1d | nn.Conv2d) -> list[int]:
+    """The padding PyTorch applies, as ``F.pad`` takes it (last spatial dim first, ``(left,
+    right)`` each): ``padding='same'`` pads ``total // 2`` left and the rest right, with
+    ``total = dilation (kernel - 1)``."""
+    if module.padding == "valid":
+        pairs = [(0, 0)] * len(module.kernel_size)
+    elif module.padding == "same":
+        totals = [dl * (k - 1) for dl, k in zip(module.dilation, module.kernel_size, strict=True)]
+        pairs = [(t // 2, t - t // 2) for t in totals]
+    else:
+        pairs = [(p, p) for p in module.padding]
+    return [side for pair in reversed(pairs) for side in pair]
 
-    Input ``(B, C, H, W)`` -> ``(B, L, C kh kw)`` with ``L = H_out W_out`` positions;
-    output gradient ``(B, o, H_out, W_out)`` -> ``(B, L, o)``. Stride, zero padding and
-    dilation are supported; ``groups > 1`` and non-zero padding modes are refused.
+
+class ConvCapture(LayerCapture):
+    """``nn.Conv2d`` and ``nn.Conv1d`` as in KFC (Grosse & Martens 2016): rows are im2col
+    patches; a Conv1d is the ``(1, k)`` Conv2d of its input with a height-1 axis.
+
+    Input ``(B, C, H, W)`` (Conv1d: ``(B, C, L)``) -> ``(B, L_out, C' kh kw)`` with ``L_out``
+    output positions and ``C'`` the input channels of this view's group (``C / groups``);
+    output gradient ``(B, o, H_out, W_out)`` (Conv1d: ``(B, o, L_out)``) -> ``(B, L_out, o')``,
+    ``o'`` the group's output channels. Stride, dilation, integer / ``'valid'`` / ``'same'``
+    padding (even receptive fields pad asymmetrically, as PyTorch does) and every
+    ``padding_mode`` (``F.pad`` in that mode before the unfold) are supported. A grouped
+    convolution is one view per group (``captures_for``).
     """
 
     kind = "conv2d"
+    positions_are_loss_terms = False
 
-    def __init__(self, name: str, module: nn.Conv2d):
-        super().__init__(name, module)
-        if module.groups != 1:
-            raise ValueError(
-                f"layer '{name}': Conv2d with groups={module.groups} is not supported "
-                "(accepted: groups=1); add it to skip_layers to leave it to the base update"
-            )
-        if module.padding_mode != "zeros":
-            raise ValueError(
-                f"layer '{name}': Conv2d padding_mode='{module.padding_mode}' is not supported "
-                "(accepted: 'zeros'); add it to skip_layers"
-            )
-        self._padding = self._explicit_padding(name, module)
+    def __init__(self, name: str, module: nn.Conv1d | nn.Conv2d, group: int | None = None):
+        self.kind = layer_kind(module)
+        self._in_channels = None
+        rows = None
+        if group is not None:
+            o, c = module.out_channels // module.groups, module.in_channels // module.groups
+            rows, self._in_channels = slice(group * o, (group + 1) * o), slice(group * c,
+                                                                             (group + 1) * c)
+        super().__init__(name, module, rows)
+        self._pad = _conv_padding(module)
+        self._spatial = len(module.kernel_size)
 
-    @staticmethod
-    def _explicit_padding(name: str, module: nn.Conv2d) -> tuple[int, int]:
-        if module.padding == "valid":
-            return (0, 0)
-        if module.padding == "same":
-            pairs = zip(module.dilation, module.kernel_size, strict=True)
-            total = [dl * (k - 1) for dl, k in pairs]
-            if any(t % 2 for t in total):
-                raise ValueError(
-                    f"layer '{name}': Conv2d padding='same' with an even receptive field pads "
-                    "asymmetrically, which is not supported (accepted: integer padding, 'valid', "
-                    "or 'same' with odd dilation*(kernel-1)); add it to skip_layers"
-                )
-            return (total[0] // 2, total[1] // 2)
-        return tuple(module.padding)
+    def _as_2d(self, t: Tensor, channels: slice | None) -> Tensor:
+        """``(B, C, *spatial)`` (or unbatched) -> ``(B, C', H, W)`` of this view's channels."""
+        if t.dim() == self._spatial + 1:
+            t = t.unsqueeze(0)
+        if channels is not None:
+            t = t[:, channels]
+        return t.unsqueeze(2) if self._spatial == 1 else t
 
     def input_rows(self, x: Tensor) -> Tensor:
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
         m = self.module
-        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=self._padding,
-                        stride=m.stride)
+        x = self._as_2d(x, self._in_channels)
+        if any(self._pad):
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(x, self._pad, mode=mode)
+        as_2d = (lambda t: tuple(t)) if self._spatial == 2 else (lambda t: (1, *t))
+        cols = F.unfold(x, as_2d(m.kernel_size), dilation=as_2d(m.dilation), stride=as_2d(m.stride))
         return cols.transpose(1, 2)
 
     def output_grad_rows(self, g: Tensor) -> Tensor:
-        if g.dim() == 3:
-            g = g.unsqueeze(0)
-        return g.flatten(2).transpose(1, 2)
+        return self._as_2d(g, self.rows).flatten(2).transpose(1, 2)
 
     def mask_shape(self, x: Tensor) -> torch.Size:
         # A token mask never applies to image positions.
@@ -454,22 +560,65 @@ class EmbeddingCapture(LayerCapture):
         return _weight_view(self.kind, g)
 
 
+def _check_initialised(name: str, module: nn.Module) -> None:
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(False)):
+        raise ValueError(
+            f"layer '{name}' ({type(module).__name__}) is a lazy module whose parameters are not "
+            "initialised yet: run one forward pass of the model before building K-FAC (or add "
+            "it to skip_layers)")
+
+
 def capture_for(name: str, module: nn.Module) -> LayerCapture:
-    """Build the capture view for a supported module.
+    """Build the capture view for a supported module (a grouped convolution: ``captures_for``).
 
     Raises:
-        ValueError: unsupported configuration of a supported type (names the layer).
+        ValueError: unsupported configuration of a supported type, a lazy module before its
+            first forward, or a grouped convolution (one view per group: ``captures_for``);
+            the message names the layer.
         TypeError: ``module`` is not one of ``SUPPORTED_MODULES``.
     """
     kind = layer_kind(module)
-    if kind is not None:
-        return _CAPTURES[kind](name, module)
-    raise TypeError(
-        f"layer '{name}' of type {type(module).__name__} is not supported "
-        f"(accepted: {', '.join(SUPPORTED_MODULES)})"
-    )
+    if kind is None:
+        raise TypeError(
+            f"layer '{name}' of type {type(module).__name__} is not supported "
+            f"(accepted: {', '.join(SUPPORTED_MODULES)})"
+        )
+    _check_initialised(name, module)
+    if getattr(module, "groups", 1) != 1:
+        raise ValueError(f"layer '{name}': a convolution with groups={module.groups} is "
+                         "one K-FAC block per group: use captures_for")
+    return _CAPTURES[kind](name, module)
+
+
+def captures_for(name: str, module: nn.Module) -> list[LayerCapture]:
+    """The K-FAC blocks of a supported module: ``[capture_for(name, module)]``, or for a
+    convolution with ``groups > 1`` one ``ConvCapture`` per group ``i``, named
+    ``f"{name}.group{i}"``, over input channels ``i C/groups : (i+1) C/groups``, output
+    channels and weight rows ``i o/groups : (i+1) o/groups`` (bias entries likewise).
+
+    Raises:
+        ValueError / TypeError: as ``capture_for``.
+    """
+    groups = getattr(module, "groups", 1)
+    if layer_kind(module) not in _CONVOLUTIONS or groups == 1:
+        return [capture_for(name, module)]
+    _check_initialised(name, module)
+    prefix = f"{name}." if name else ""
+    return [ConvCapture(f"{prefix}{_GROUP}{i}", module, group=i) for i in range(groups)]
+
+
+_GROUP = "group"
+
+
+def split_group_name(name: str) -> tuple[str, int | None]:
+    """``"conv.group3"`` -> ``("conv", 3)`` (a layer name ``captures_for`` gave one group of
+    a grouped convolution); any other name -> ``(name, None)``."""
+    base, _, last = name.rpartition(".")
+    if last.startswith(_GROUP) and last[len(_GROUP):].isdigit():
+        return base, int(last[len(_GROUP):])
+    return name, None
 
 
 _CAPTURES: dict[str, type[LayerCapture]] = {
-    "linear": LinearCapture, "conv1d": HFConv1DCapture, "conv2d": Conv2dCapture,
-    "embedding": EmbeddingCapture}
+    "linear": LinearCapture, "conv1d": HFConv1DCapture, "conv2d": ConvCapture,
+    "nn_conv1d": ConvCapture, "embedding": EmbeddingCapture}

@@ -22,7 +22,13 @@ from .capture import StatisticsCapture
 from .distributed import CommStats, resolve_group
 from .factors import eigenbasis_second_moments
 from .layer import KFACLayer, LayerView
-from .layers import capture_for, fsdp1_root, is_supported, strip_wrapper_names
+from .layers import (
+    captures_for,
+    fsdp1_root,
+    is_supported,
+    strip_wrapper_names,
+    warn_coverage,
+)
 from .options import KFACOptions, StepSettings, check_model, options_doc, options_signature
 from .placement import make_placement
 from .policies import make_policy
@@ -68,8 +74,9 @@ class KFACPreconditioner:
         pre = KFACPreconditioner(model, lr=0.1)
         loss.backward(); pre.step(); optimizer.step()
 
-    For each supported layer (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``, Hugging
-    Face ``Conv1D``) with weight gradient ``V`` (o, d), bias as the last column, the
+    For each supported layer (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``,
+    Hugging Face ``Conv1D``; a grouped convolution is one layer per group, named
+    ``name.group{i}``) with weight gradient ``V`` (o, d), trainable bias as the last column, the
     step replaces ``V`` by ``nu * (A (x) G + lambda I)^{-1} vec(V)`` (exact damping)
     or ``nu * (G + lambda_G I)^{-1} V (A + lambda_A I)^{-1}`` (factored damping),
     where A (d, d) and G (o, o) are bias-corrected EMAs of the batch factors
@@ -100,10 +107,16 @@ class KFACPreconditioner:
     Raises:
         ValueError / TypeError: bad options (naming the option and accepted values; an
             unknown keyword gets the closest option names), an unsupported layer
-            configuration (naming the layer), or FSDP1 with ``use_orig_params=False`` or
-            given without its wrapper (saying what works). With several ranks: ranks whose
-            options or layers differ (ValueError on every rank, naming each difference and
-            every rank's value; ``Replicate.check_agreement``).
+            configuration or a lazy module before its first forward (naming the layer), or
+            FSDP1 with ``use_orig_params=False`` or given without its wrapper (saying what
+            works). With several ranks: ranks whose options or layers differ (ValueError on
+            every rank, naming each difference and every rank's value;
+            ``Replicate.check_agreement``).
+
+    Warns:
+        KFACCoverageWarning: once, when trainable parameters are left to the base update
+            (listing the supported layers ``skip_layers`` skipped and the other modules
+            holding them, with counts) or no layer is preconditioned.
     """
 
     def __init__(self, model: nn.Module, *, params: Any = None,
@@ -127,10 +140,14 @@ class KFACPreconditioner:
         self._warned_stale = False
         self._layers: dict[str, KFACLayer] = {}
         with self._whole_parameters(with_grads=False):  # FSDP1: shapes of whole weights
-            for name, module in self._select_modules():
-                capture = capture_for(name, module)
-                rows = self._placement.lowrank.rows_for(capture.out_features)
-                self._layers[name] = KFACLayer(capture, self._policy, rows)
+            chosen = self._select_modules()
+            for name, module in chosen:
+                for capture in captures_for(name, module):
+                    rows = self._placement.lowrank.rows_for(capture.out_features)
+                    self._layers[capture.name] = KFACLayer(capture, self._policy, rows)
+            warn_coverage(self.model, [m for _, m in chosen],
+                          lambda name, module: self.options.skips(strip_wrapper_names(name),
+                                                                  module))
         self._placement.check_agreement(self._layers)  # same options and layers on every rank
         self._placement.setup(self._layers, self._policy)
         self._capture = StatisticsCapture(self._layers, opts, lambda: self.capturing)
@@ -335,8 +352,9 @@ class KFACPreconditioner:
             layer.densify()
 
     def _update_eigenvalue_corrections(self, counts: dict[str, Tensor]) -> None:
-        """EKFAC: this update's second moments in the current eigenbasis, summed over rows
-        (and ranks) and divided by N, folded into the inverse's corrected eigenvalues."""
+        """EKFAC: this update's second moments in the current eigenbasis, summed over loss
+        terms (rows, or samples of a weight-shared layer: ``eigenbasis_second_moments``) and
+        ranks and divided by N, folded into the inverse's corrected eigenvalues."""
         for name, layer in self._layers.items():
             if layer.ekfac_rows is None or name not in counts:
                 continue
@@ -392,6 +410,7 @@ class KFACPreconditioner:
             scale = torch.where(vfv > 0, ratio.clamp(max=1.0).sqrt(), torch.ones_like(vfv))
         for layer, _, pre in results:
             layer.capture.set_grad_matrix(pre if scale is None else pre * scale.to(pre.dtype))
+        for layer, _, _ in results:  # after every write: groups of a conv share one .grad
             layer.mark_written()
 
     # Diagnostics ---------------------------------------------------------------

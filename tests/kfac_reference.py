@@ -11,9 +11,19 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """float64 as the default dtype for the test (autouse where a test module imports it)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def probe_layer(module: nn.Module, loss_sum_fn) -> tuple[Tensor, Tensor]:

@@ -19,6 +19,7 @@ from kfac_optim import KFACPreconditioner
 from tests.kfac_reference import (
     conv_rows,
     factors,
+    float64_default,  # noqa: F401 (autouse fixture)
     grad_matrix,
     kron_exact,
     kron_factored,
@@ -28,14 +29,6 @@ from tests.kfac_reference import (
 
 DAMPING = 3e-2
 TOL = dict(rtol=1e-7, atol=1e-9)
-
-
-@pytest.fixture(autouse=True)
-def _float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 @dataclass

@@ -50,6 +50,7 @@ def modules():
         "linear": nn.Linear(4, 3),
         "conv1d": hf_conv1d(4, 3),
         "conv2d": nn.Conv2d(2, 3, (2, 3)),
+        "nn_conv1d": nn.Conv1d(2, 3, 2),
         "embedding": nn.Embedding(5, 3),
     }
 
@@ -63,7 +64,7 @@ def test_layer_kind_of_each_module():
         assert is_supported(module)
         assert capture_for("m", module).kind == kind
     assert set(modules()) == set(LAYER_KINDS)
-    for module in (nn.Conv1d(2, 3, 2), nn.LayerNorm(3), nn.Sequential(nn.Linear(2, 2))):
+    for module in (nn.Conv3d(2, 3, 2), nn.LayerNorm(3), nn.Sequential(nn.Linear(2, 2))):
         assert layer_kind(module) is None and not is_supported(module)
         with pytest.raises(TypeError, match="not supported"):
             capture_for("m", module)
@@ -79,7 +80,7 @@ def independent_matrix(kind, weight, bias=None):
     """W (o, d [+1]) written out per kind, bias the last column."""
     if kind in ("conv1d", "embedding"):
         weight = weight.T
-    elif kind == "conv2d":
+    elif kind in ("conv2d", "nn_conv1d"):
         weight = weight.reshape(weight.shape[0], -1)
     return weight if bias is None else torch.cat([weight, bias[:, None]], 1)
 
@@ -94,6 +95,9 @@ def module_output_from_matrix(kind, module, W):
         return module(torch.tensor([i]))[0], W @ F.one_hot(torch.tensor(i), 5).to(W)
     if kind == "conv2d":
         x = torch.randn(1, 2, 2, 3)  # one output position: the patch is the whole input
+        return module(x).reshape(-1), W @ torch.cat([x.reshape(-1), torch.tensor(ones)])
+    if kind == "nn_conv1d":
+        x = torch.randn(1, 2, 2)  # one output position
         return module(x).reshape(-1), W @ torch.cat([x.reshape(-1), torch.tensor(ones)])
     x = torch.randn(4)
     return module(x[None])[0], W @ torch.cat([x, torch.tensor(ones)])
