@@ -40,6 +40,9 @@ class KFACLayer:
         inverse: the last good ``Inverse`` (None before the first inverse update).
         ekfac_rows: None, or the ``(a_rows, g_rows)`` of the current factor update (EKFAC).
         positional: looked up with ids shared across the batch: left to the base update.
+        hooked: the module's forward hook has run at least once (``KFACPreconditioner.step``
+            refuses a layer whose weight has a gradient while some layers' hooks ran and
+            its own never did: the model used the weight outside the module's forward).
         diag: factor-side diagnostics (``T``, ``dropped_G``).
     """
 
@@ -58,6 +61,7 @@ class KFACLayer:
         self.nonfinite_skips = 0
         self.warned = False
         self.positional = False
+        self.hooked = False
         self.diag: dict[str, Any] = {}
 
     @property

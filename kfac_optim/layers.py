@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["IGNORE_INDEX", "LAYER_KINDS", "LayerCapture", "SUPPORTED_MODULES", "capture_for",
-           "fsdp1_root", "is_causal_lm", "is_supported", "layer_kind", "matrix_shape",
-           "parameters_from_matrix", "strip_wrapper_names", "weight_matrix"]
+           "check_hooks_fire", "fsdp1_root", "is_causal_lm", "is_supported", "layer_kind",
+           "matrix_shape", "parameters_from_matrix", "strip_wrapper_names", "weight_matrix"]
 
 SUPPORTED_MODULES = ("Linear", "Conv2d", "Embedding", "transformers Conv1D")
 LAYER_KINDS = ("linear", "conv1d", "conv2d", "embedding")
@@ -79,6 +79,27 @@ def layer_kind(module: nn.Module) -> str | None:
 def is_supported(module: nn.Module) -> bool:
     """Whether ``module`` is a layer type K-FAC preconditions (see ``SUPPORTED_MODULES``)."""
     return layer_kind(module) is not None
+
+
+def check_hooks_fire(name: str, module: nn.Module, skipped: bool = False) -> bool:
+    """Whether K-FAC's forward hooks see the layers inside ``module``; False for a module
+    whose forward uses its children's weights directly (``nn.MultiheadAttention``: its
+    ``out_proj`` is an ``nn.Linear`` whose forward never runs), whose children are then
+    never captured (they are left to the base update).
+
+    Raises:
+        ValueError: ``module`` is such a module with trainable parameters and not
+            ``skipped`` (the message names the layer and how to leave it to the base update).
+    """
+    if not isinstance(module, nn.MultiheadAttention):
+        return True
+    if not skipped and any(p.requires_grad for p in module.parameters()):
+        raise ValueError(
+            f"layer '{name}': nn.MultiheadAttention is not preconditioned: its forward "
+            "(F.multi_head_attention_forward) uses in_proj_weight and out_proj.weight "
+            "directly, so no hook sees its projections; pass "
+            "skip_layers=(nn.MultiheadAttention,) (or its name) to leave it to the base update")
+    return False
 
 
 def is_causal_lm(model: nn.Module) -> bool:

@@ -22,7 +22,14 @@ from .capture import StatisticsCapture
 from .distributed import CommStats, resolve_group
 from .factors import eigenbasis_second_moments
 from .layer import KFACLayer, LayerView
-from .layers import LayerCapture, capture_for, fsdp1_root, is_supported, strip_wrapper_names
+from .layers import (
+    LayerCapture,
+    capture_for,
+    check_hooks_fire,
+    fsdp1_root,
+    is_supported,
+    strip_wrapper_names,
+)
 from .options import KFACOptions, StepSettings, options_doc, options_signature
 from .placement import make_placement
 from .policies import make_policy
@@ -86,7 +93,8 @@ class KFACPreconditioner:
     Raises:
         ValueError / TypeError: bad options (naming the option and accepted values; an
             unknown keyword gets the closest option names), an unsupported layer
-            configuration (naming the layer), or FSDP1 with ``use_orig_params=False`` or
+            configuration (naming the layer; ``nn.MultiheadAttention``, whose projections no
+            hook sees, unless skipped), or FSDP1 with ``use_orig_params=False`` or
             given without its wrapper (saying what works).
     """
 
@@ -122,9 +130,16 @@ class KFACPreconditioner:
     # Registration -------------------------------------------------------------
     def _select_modules(self) -> list[tuple[str, nn.Module]]:
         chosen: dict[int, tuple[str, nn.Module]] = {}
+        hidden: list[str] = []  # modules whose children's forwards never run (attention)
         for wrapped_name, module in self.model.named_modules():
             name = strip_wrapper_names(wrapped_name)
-            if not is_supported(module) or self.options.skips(name, module):
+            if any(h == "" or name.startswith(h + ".") for h in hidden):
+                continue
+            skipped = self.options.skips(name, module)
+            if not check_hooks_fire(name, module, skipped):
+                hidden.append(name)
+                continue
+            if not is_supported(module) or skipped:
                 continue
             if not module.weight.requires_grad:
                 continue
@@ -219,8 +234,11 @@ class KFACPreconditioner:
 
         Raises:
             ValueError: bad ``lr``/``damping``/``kl_clip``, or a KL clip without any lr.
+            RuntimeError: a layer's weight has a gradient but its module's forward never ran
+                (the weight is used directly); nothing is changed.
         """
         self.last_step = settings = StepSettings.resolve(self.options, lr, damping, kl_clip)
+        self._check_hooked()
         if self.capturing:
             self._placement.reduce_statistics(self._layers)
         counts = self._update_factors()
@@ -235,6 +253,27 @@ class KFACPreconditioner:
             results = self._placement.precondition(self._layers, settings.damping)
             self._write_clipped(results, settings)
         self.steps += 1
+
+    def _check_hooked(self) -> None:
+        """Refuse layers whose weight has a gradient but whose forward never ran through the
+        module while other layers' did (the model used the weight directly, e.g.
+        ``F.linear(x, layer.weight)``): no statistics would ever reach them.
+
+        Raises:
+            RuntimeError: naming those layers and how to leave them to the base update.
+        """
+        layers = self._layers.values()
+        if self._fsdp1 is not None or not any(layer.hooked for layer in layers):
+            # no forward since construction (gradients computed before it); FSDP1: a rank's
+            # gradient shard may be empty, the ranks would not agree
+            return
+        missed = [la.name for la in layers if not la.hooked and la.capture.has_grad()]
+        if missed:
+            raise RuntimeError(
+                f"K-FAC layers {missed} have weight gradients but their modules' forward never "
+                "ran (the model uses their weights directly, e.g. F.linear(x, module.weight)), "
+                "so they are never captured; add them to skip_layers to leave them to the base "
+                "update")
 
     def _update_factors(self) -> dict[str, Tensor]:
         """Fold pending statistics into the running factors; returns each updated layer's
