@@ -23,9 +23,11 @@ from .distributed import CommStats, resolve_group
 from .factors import eigenbasis_second_moments
 from .layer import KFACLayer, LayerView
 from .layers import (
+    AttentionLayers,
+    InProjection,
     LayerCapture,
+    attention_layers,
     capture_for,
-    check_hooks_fire,
     fsdp1_root,
     is_supported,
     strip_wrapper_names,
@@ -64,9 +66,10 @@ class KFACPreconditioner:
         loss.backward(); pre.step(); optimizer.step()
 
     For each supported layer (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``, Hugging
-    Face ``Conv1D``) with weight gradient ``V`` (o, d), bias as the last column, the
-    step replaces ``V`` by ``nu * (A (x) G + lambda I)^{-1} vec(V)`` (exact damping)
-    or ``nu * (G + lambda_G I)^{-1} V (A + lambda_A I)^{-1}`` (factored damping),
+    Face ``Conv1D``, and the q, k, v and output projections of ``nn.MultiheadAttention``:
+    ``kfac_optim.layers.AttentionLayers``) with weight gradient ``V`` (o, d), bias as the
+    last column, the step replaces ``V`` by ``nu * (A (x) G + lambda I)^{-1} vec(V)``
+    (exact damping) or ``nu * (G + lambda_G I)^{-1} V (A + lambda_A I)^{-1}`` (factored damping),
     where A (d, d) and G (o, o) are bias-corrected EMAs of the batch factors
     ``A = (1/T) sum a a^T`` and ``G = (1/N) sum g g^T`` (``kfac_optim.factors``) and
     ``nu = min(1, sqrt(kl_clip / (lr^2 sum_layers <V_pre, V>)))`` is the KL clip of
@@ -93,8 +96,7 @@ class KFACPreconditioner:
     Raises:
         ValueError / TypeError: bad options (naming the option and accepted values; an
             unknown keyword gets the closest option names), an unsupported layer
-            configuration (naming the layer; ``nn.MultiheadAttention``, whose projections no
-            hook sees, unless skipped), or FSDP1 with ``use_orig_params=False`` or
+            configuration (naming the layer), or FSDP1 with ``use_orig_params=False`` or
             given without its wrapper (saying what works).
     """
 
@@ -117,6 +119,7 @@ class KFACPreconditioner:
         self.capture_enabled = True
         self.last_step: StepSettings | None = None
         self._layers: dict[str, KFACLayer] = {}
+        self._attention: list[AttentionLayers] = []
         with self._whole_parameters(with_grads=False):  # FSDP1: shapes of whole weights
             for name, module in self._select_modules():
                 capture = capture_for(name, module)
@@ -125,21 +128,31 @@ class KFACPreconditioner:
         self._placement.setup(self._layers, self._policy)
         self._capture = StatisticsCapture(self._layers, opts, lambda: self.capturing)
         self._handles = self._capture.register(self.model)
+        self._handles += [attention.install() for attention in self._attention]
         log.info("K-FAC preconditions %d layers: %s", len(self._layers), list(self._layers))
 
     # Registration -------------------------------------------------------------
     def _select_modules(self) -> list[tuple[str, nn.Module]]:
-        chosen: dict[int, tuple[str, nn.Module]] = {}
-        hidden: list[str] = []  # modules whose children's forwards never run (attention)
+        chosen: dict[object, tuple[str, nn.Module]] = {}
+        hidden: list[str] = []  # attention modules: their layers are chosen with them
         for wrapped_name, module in self.model.named_modules():
             name = strip_wrapper_names(wrapped_name)
             if any(h == "" or name.startswith(h + ".") for h in hidden):
                 continue
-            skipped = self.options.skips(name, module)
-            if not check_hooks_fire(name, module, skipped):
+            attention = attention_layers(name, module)
+            if attention is not None:
                 hidden.append(name)
+                if self.options.skips(name, module):
+                    continue
+                parts = [(n, m) for n, m in attention.modules
+                         if not self.options.skips(n, m) and m.weight.requires_grad]
+                for n, m in parts:
+                    chosen[(id(m.weight), n) if isinstance(m, InProjection) else id(m.weight)] = (
+                        n, m)
+                if parts:
+                    self._attention.append(attention)
                 continue
-            if not is_supported(module) or skipped:
+            if not is_supported(module) or self.options.skips(name, module):
                 continue
             if not module.weight.requires_grad:
                 continue
