@@ -570,6 +570,8 @@ def _attention_forward(attention: nn.MultiheadAttention, projections: list[InPro
     if not torch.is_grad_enabled():
         return type(attention).forward(attention, query, key, value, key_padding_mask,
                                        need_weights, attn_mask, average_attn_weights, is_causal)
+    for proj in projections:  # they capture in the attention's mode (not in the model)
+        proj.training = attention.training
     batched = query.dim() == 3
     flip = batched and not attention.batch_first  # user layout <-> batch-first rows
 

@@ -146,9 +146,8 @@ class KFACPreconditioner:
                     continue
                 parts = [(n, m) for n, m in attention.modules
                          if not self.options.skips(n, m) and m.weight.requires_grad]
-                for n, m in parts:
-                    chosen[(id(m.weight), n) if isinstance(m, InProjection) else id(m.weight)] = (
-                        n, m)
+                for n, m in parts:  # a block is keyed by its name (rows of one weight)
+                    chosen[n if isinstance(m, InProjection) else id(m.weight)] = (n, m)
                 if parts:
                     self._attention.append(attention)
                 continue

@@ -213,7 +213,7 @@ def test_skipped_attention_is_not_listed_and_keeps_base_gradient(skip):
 def test_encoder_layer_trains_with_attention_preconditioned():
     torch.manual_seed(0)
     model = Encoder()
-    pre = KFACPreconditioner(model, lr=0.1, damping=0.1)
+    pre = KFACPreconditioner(model, lr=0.1, damping=0.1, factor_update_steps=1)
     names = ["enc.self_attn." + n for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
     assert pre.layer_names == [*names, "enc.linear1", "enc.linear2", "head"]
     x, y = _batch(model)
@@ -222,6 +222,11 @@ def test_encoder_layer_trains_with_attention_preconditioned():
     pre.step()
     assert all(row["factor_updates"] == 1 for row in pre.describe())
     assert not torch.allclose(model.enc.self_attn.in_proj_weight.grad, before)
+    model.eval()  # eval mode with grad: no layer captures, the q, k, v blocks neither
+    F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    pre.step()
+    assert all(row["factor_updates"] == 1 for row in pre.describe())
+    model.train()
     fisher = KFACFisher.from_preconditioner(pre)  # reads out_proj, skips the q, k, v blocks
     assert sorted(fisher.skipped_layers) == sorted(names[:3])
     assert "enc.self_attn.out_proj" not in fisher.skipped_layers
