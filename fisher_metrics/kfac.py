@@ -137,6 +137,13 @@ class _Layer:
         return gv * self.a if self.a.dim() == 1 else gv @ self.a
 
 
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 class KFACFisher(FisherRepresentation):
     """Block-diagonal K-FAC Fisher ``diag(A_l (x) G_l)`` from stored K-FAC factors.
 
@@ -150,7 +157,8 @@ class KFACFisher(FisherRepresentation):
         param_names: all covered parameters, ``named_parameters()`` order.
         param_shapes: ``{name: shape}``.
         steps: the preconditioner's step count.
-        skipped_layers: ``{layer: reason}`` for state layers without factors yet
+        skipped_layers: ``{layer: reason}`` for state layers without factors yet (or not
+            read: the q, k, v blocks of an ``nn.MultiheadAttention``)
             (e.g. never reached by a captured backward); they are not covered.
         dtype, device: of the factors here (default float64) and of products.
     """
@@ -274,6 +282,11 @@ class KFACFisher(FisherRepresentation):
         model: nn.Module, canonical: dict, name: str, entry: Mapping, dtype: torch.dtype | None
     ) -> _Layer | str:
         """The layer's factors, or the reason (a string) why it has none yet."""
+        parent, _, block = name.rpartition(".")
+        if block in ("q_proj", "k_proj", "v_proj") and isinstance(
+                _submodule(model, parent), nn.MultiheadAttention):
+            return ("an nn.MultiheadAttention in-projection block (rows of in_proj_weight): "
+                    "not read by KFACFisher yet")
         try:
             module = model.get_submodule(name)
         except AttributeError as err:

@@ -515,17 +515,25 @@ def _logits(raw: object) -> Tensor:
 
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (dropout off) and the math attention kernel, undone on exit.
+    """Eval mode (dropout off), the math attention kernel and no attention fast path,
+    undone on exit.
 
     The fused ``scaled_dot_product_attention`` kernels lack forward-mode AD
-    (``jvp``); the math kernel is made of differentiable primitives.
+    (``jvp``); the math kernel is made of differentiable primitives. In eval mode
+    without grad, ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` take a
+    fused "fast path" (``aten::_transformer_encoder_layer_fwd``, ``_native_multi_head_attention``)
+    that has no forward-mode AD either: it is switched off
+    (``torch.backends.mha.set_fastpath_enabled(False)``).
     """
     modes = [(module, module.training) for module in model.modules()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for module, training in modes:
             module.training = training
 

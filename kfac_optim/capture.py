@@ -190,6 +190,7 @@ class StatisticsCapture:
                 ctx.num_loss_rows = float(math.prod(rows))
 
     def _forward_hook(self, layer: Any, module, inputs, output):
+        layer.hooked = True
         if not (self.capturing() and module.training and torch.is_grad_enabled()):
             return
         if layer.positional:

@@ -42,6 +42,9 @@ class KFACLayer:
         ekfac_rows: None, or the ``(a, g)`` rows of the current factor update (EKFAC),
             ``(rows, ·)`` or per sample ``(B, R, ·)`` (``StatisticsCapture._ekfac_terms``).
         positional: looked up with ids shared across the batch: left to the base update.
+        hooked: the module's forward hook has run at least once (``KFACPreconditioner.step``
+            refuses a layer whose weight has a gradient while some layers' hooks ran and
+            its own never did: the model used the weight outside the module's forward).
         diag: factor-side diagnostics (``T``, ``dropped_G``).
     """
 
@@ -60,6 +63,7 @@ class KFACLayer:
         self.nonfinite_skips = 0
         self.warned = False
         self.positional = False
+        self.hooked = False
         self.diag: dict[str, Any] = {}
         self._written: tuple[weakref.ref, int] | None = None
 
@@ -78,7 +82,7 @@ class KFACLayer:
 
     def _grad_tensor(self) -> Tensor | None:
         """The weight gradient's storage tensor (a sharded DTensor's local shard)."""
-        grad = self.capture.weight.grad
+        grad = self.capture.params[0].grad  # the weight's parameter (a block: the packed one)
         return None if grad is None else getattr(grad, "_local_tensor", grad)
 
     def mark_written(self) -> None:

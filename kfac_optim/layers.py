@@ -35,6 +35,9 @@ here imports ``fisher_metrics``):
   ``nn.Embedding`` weight ``(V, D)`` is ``W^T`` with ``o = D``, ``d = V``. The bias, when
   present and trainable, is the last column. ``grad_matrix`` / ``set_grad_matrix`` are
   these functions applied to the gradients.
+- ``nn.MultiheadAttention``: ``attention_layers`` gives its four layers (``InProjection``
+  blocks q, k, v of the packed ``in_proj_weight``, and ``out_proj``) and the forward that
+  runs them as hooked module calls (``AttentionLayers.install`` / ``remove``).
 - Hugging Face losses: ``IGNORE_INDEX`` (labels that are not loss terms) and
   ``is_causal_lm(model)`` (the model shifts its labels by one).
 """
@@ -43,18 +46,20 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["IGNORE_INDEX", "KFACCoverageWarning", "LAYER_KINDS", "LayerCapture",
-           "SUPPORTED_MODULES", "capture_for", "captures_for", "fsdp1_root", "is_causal_lm",
-           "is_supported", "layer_bias", "layer_kind", "matrix_shape", "parameters_from_matrix",
-           "split_group_name", "strip_wrapper_names", "warn_coverage", "weight_matrix"]
+__all__ = ["IGNORE_INDEX", "KFACCoverageWarning", "LAYER_KINDS", "AttentionLayers",
+           "InProjection", "LayerCapture", "SUPPORTED_MODULES", "attention_layers", "capture_for",
+           "captures_for", "fsdp1_root", "is_causal_lm", "is_supported", "layer_bias",
+           "layer_kind", "matrix_shape", "parameters_from_matrix", "split_group_name",
+           "strip_wrapper_names", "warn_coverage", "weight_matrix"]
 
-SUPPORTED_MODULES = ("Linear", "Conv1d", "Conv2d", "Embedding", "transformers Conv1D")
+SUPPORTED_MODULES = ("Linear", "Conv1d", "Conv2d", "Embedding", "transformers Conv1D",
+                     "MultiheadAttention")
 LAYER_KINDS = ("linear", "conv1d", "conv2d", "nn_conv1d", "embedding")
 # Kinds whose stored weight is the transpose of the K-FAC matrix W (o, d).
 _TRANSPOSED = ("conv1d", "embedding")
@@ -80,7 +85,7 @@ def layer_kind(module: nn.Module) -> str | None:
     the ``FSDPConv1D`` that FSDP2's ``fully_shard`` makes of it); ``"nn_conv1d"`` is
     ``torch.nn.Conv1d``.
     """
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, InProjection)):
         return "linear"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
@@ -123,6 +128,14 @@ def _listing(entries: list[tuple[str, str]], limit: int = 6) -> str:
     return "; ".join(parts)
 
 
+def _parameters_of(module: nn.Module) -> tuple[Tensor | None, Tensor | None]:
+    """The parameters a preconditioned module's gradients live in (an attention's q, k, v
+    block: the packed weight and bias it is rows of)."""
+    if isinstance(module, InProjection):
+        return module.param, module.attention.in_proj_bias
+    return module.weight, layer_bias(module)
+
+
 def warn_coverage(model: nn.Module, preconditioned: Iterable[nn.Module],
                   skipped: Callable[[str, nn.Module], bool]) -> None:
     """One ``KFACCoverageWarning`` when some trainable parameter of ``model`` is left to the
@@ -132,7 +145,7 @@ def warn_coverage(model: nn.Module, preconditioned: Iterable[nn.Module],
     counts. Parameters tied to a preconditioned weight count as preconditioned.
     """
     modules = list(preconditioned)
-    covered = {id(p) for m in modules for p in (m.weight, layer_bias(m)) if p is not None}
+    covered = {id(p) for m in modules for p in _parameters_of(m) if p is not None}
     by_skip, others, count, numel = [], [], 0, 0
     for wrapped_name, module in model.named_modules():
         name = strip_wrapper_names(wrapped_name)
@@ -415,8 +428,8 @@ class LayerCapture:
                 f"the whole weight's (o, d) = {self._module_shape}: a flat shard, as FSDP1 "
                 f"leaves between steps; {_FSDP1_WORKS}")
         if self.has_bias:
-            b = self.bias.grad
-            v = _with_bias(v, torch.zeros_like(v[:, 0]) if b is None else _full(b))
+            b = self._bias_grad()
+            v = _with_bias(v, torch.zeros_like(v[:, 0]) if b is None else b)
         return v
 
     def grad_matrix(self) -> Tensor:
@@ -428,6 +441,9 @@ class LayerCapture:
         """
         v = self._module_grad_matrix()
         return v if self.rows is None else v[self.rows]
+
+    def _bias_grad(self) -> Tensor | None:
+        return None if self.bias.grad is None else _full(self.bias.grad)
 
     def set_grad_matrix(self, v: Tensor) -> None:
         """Write a ``(o, d [+1])`` matrix back into the parameters' ``.grad`` (this view's
@@ -567,6 +583,171 @@ def _check_initialised(name: str, module: nn.Module) -> None:
             "initialised yet: run one forward pass of the model before building K-FAC (or add "
             "it to skip_layers)")
 
+class InProjection(nn.Module):
+    """One of the query, key, value input projections of an ``nn.MultiheadAttention`` as a
+    module K-FAC can hook: ``y = x W_i^T + b_i``, ``W_i`` / ``b_i`` the block's rows of
+    ``in_proj_weight`` / ``in_proj_bias`` (or ``q_proj_weight``, ``k_proj_weight``,
+    ``v_proj_weight`` when ``kdim`` / ``vdim`` differ). Not a child of the attention: the
+    model's modules, parameters and state dict are unchanged.
+    """
+
+    def __init__(self, attention: nn.MultiheadAttention, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.__dict__["attention"] = attention  # a reference, not a registered child
+
+    @property
+    def param(self) -> Tensor:
+        """The parameter holding this block's weight."""
+        a = self.attention
+        return a.in_proj_weight if a._qkv_same_embed_dim else getattr(
+            a, "qkv"[self.index] + "_proj_weight")
+
+    @property
+    def rows(self) -> slice | None:
+        """This block's rows of ``param`` (None: all of them)."""
+        e = self.attention.embed_dim
+        return slice(self.index * e, (self.index + 1) * e) if self.attention._qkv_same_embed_dim \
+            else None
+
+    @property
+    def bias_rows(self) -> slice:
+        e = self.attention.embed_dim
+        return slice(self.index * e, (self.index + 1) * e)
+
+    @property
+    def weight(self) -> Tensor:
+        w = self.param
+        return w if self.rows is None else w[self.rows]
+
+    @property
+    def bias(self) -> Tensor | None:
+        b = self.attention.in_proj_bias
+        return None if b is None else b[self.bias_rows]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _block(grad: Tensor | None, rows: slice | None) -> Tensor | None:
+    if grad is None:
+        return None
+    grad = _full(grad)
+    return grad if rows is None else grad[rows]
+
+
+def _assign_rows(param: Tensor, rows: slice | None, value: Tensor) -> None:
+    """Write ``value`` into ``rows`` of ``param.grad`` (created as zeros if missing)."""
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    if rows is None:
+        _assign(param.grad, value)
+    elif not _is_dtensor(param.grad):
+        param.grad[rows].copy_(value)
+    else:
+        whole = _full(param.grad).clone()
+        whole[rows] = value
+        _assign(param.grad, whole)
+
+
+class InProjectionCapture(LayerCapture):
+    """An ``InProjection`` block: an ``nn.Linear`` view of rows of the attention's packed
+    weight; the gradients are read from and written to those rows."""
+
+    kind = "linear"
+
+    @property
+    def params(self) -> list[Tensor]:
+        bias = self.module.attention.in_proj_bias
+        return [p for p in (self.module.param, bias) if p is not None]
+
+    def has_grad(self) -> bool:
+        return self.module.param.grad is not None
+
+    def _weight_matrix_grad(self) -> Tensor:
+        return _block(self.module.param.grad, self.module.rows)
+
+    def _bias_grad(self) -> Tensor | None:
+        return _block(self.module.attention.in_proj_bias.grad, self.module.bias_rows)
+
+    def set_grad_matrix(self, v: Tensor) -> None:
+        m = self.module
+        weight, bias = parameters_from_matrix(self.kind, v, self.weight.shape, self.has_bias)
+        _assign_rows(m.param, m.rows, weight)
+        if bias is not None:
+            _assign_rows(m.attention.in_proj_bias, m.bias_rows, bias)
+
+
+def _attention_forward(attention: nn.MultiheadAttention, projections: list[InProjection],
+                       query: Tensor, key: Tensor, value: Tensor,
+                       key_padding_mask: Tensor | None = None, need_weights: bool = True,
+                       attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                       is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``nn.MultiheadAttention.forward`` with its projections as module calls K-FAC hooks.
+
+    The q, k, v projections run through ``projections`` and ``out_proj`` through its module,
+    each on ``(N, L, E)`` rows (batch first, as a token mask sees them);
+    ``F.multi_head_attention_forward`` does the rest with identity projections (exact).
+    Without grad the stock forward runs (its fast path).
+    """
+    if not torch.is_grad_enabled():
+        return type(attention).forward(attention, query, key, value, key_padding_mask,
+                                       need_weights, attn_mask, average_attn_weights, is_causal)
+    for proj in projections:  # they capture in the attention's mode (not in the model)
+        proj.training = attention.training
+    batched = query.dim() == 3
+    flip = batched and not attention.batch_first  # user layout <-> batch-first rows
+
+    def rows(x: Tensor) -> Tensor:
+        return x.transpose(0, 1) if flip else x
+
+    def seq_first(x: Tensor) -> Tensor:
+        return x.transpose(0, 1) if batched else x
+
+    q, k, v = (seq_first(proj(rows(x)))
+               for proj, x in zip(projections, (query, key, value), strict=True))
+    e = attention.embed_dim
+    eye = torch.eye(e, dtype=q.dtype, device=q.device)
+    out, weights = F.multi_head_attention_forward(
+        q, k, v, e, attention.num_heads, None, None, attention.bias_k, attention.bias_v,
+        attention.add_zero_attn, attention.dropout, eye, None, training=attention.training,
+        key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+        use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
+        average_attn_weights=average_attn_weights, is_causal=is_causal)
+    out = attention.out_proj(seq_first(out))  # (N, L, E) rows
+    return (out.transpose(0, 1) if flip else out), weights
+
+
+class AttentionLayers:
+    """The K-FAC layers of one ``nn.MultiheadAttention``: ``{name}.q_proj``, ``.k_proj``,
+    ``.v_proj`` (``InProjection`` blocks, one K-FAC block each: the three see different
+    output gradients even when they share the input) and ``{name}.out_proj``.
+
+    ``install()`` replaces the attention's ``forward`` (an instance attribute) by an equal
+    computation whose projections are module calls, so forward hooks see them; ``remove()``
+    restores it.
+    """
+
+    def __init__(self, name: str, attention: nn.MultiheadAttention) -> None:
+        self.attention = attention
+        self.projections = [InProjection(attention, i) for i in range(3)]
+        prefix = f"{name}." if name else ""
+        self.modules: list[tuple[str, nn.Module]] = [
+            (f"{prefix}{'qkv'[i]}_proj", proj) for i, proj in enumerate(self.projections)]
+        self.modules.append((f"{prefix}out_proj", attention.out_proj))
+
+    def install(self) -> AttentionLayers:
+        self.attention.forward = partial(_attention_forward, self.attention, self.projections)
+        return self
+
+    def remove(self) -> None:
+        self.attention.__dict__.pop("forward", None)
+
+
+def attention_layers(name: str, module: nn.Module) -> AttentionLayers | None:
+    """``AttentionLayers`` of an ``nn.MultiheadAttention`` (None for any other module)."""
+    return AttentionLayers(name, module) if isinstance(module, nn.MultiheadAttention) else None
+
 
 def capture_for(name: str, module: nn.Module) -> LayerCapture:
     """Build the capture view for a supported module (a grouped convolution: ``captures_for``).
@@ -577,6 +758,8 @@ def capture_for(name: str, module: nn.Module) -> LayerCapture:
             the message names the layer.
         TypeError: ``module`` is not one of ``SUPPORTED_MODULES``.
     """
+    if isinstance(module, InProjection):
+        return InProjectionCapture(name, module)
     kind = layer_kind(module)
     if kind is None:
         raise TypeError(

@@ -23,6 +23,9 @@ from .distributed import CommStats, resolve_group
 from .factors import eigenbasis_second_moments
 from .layer import KFACLayer, LayerView
 from .layers import (
+    AttentionLayers,
+    InProjection,
+    attention_layers,
     captures_for,
     fsdp1_root,
     is_supported,
@@ -76,9 +79,10 @@ class KFACPreconditioner:
 
     For each supported layer (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``,
     Hugging Face ``Conv1D``; a grouped convolution is one layer per group, named
-    ``name.group{i}``) with weight gradient ``V`` (o, d), trainable bias as the last column, the
-    step replaces ``V`` by ``nu * (A (x) G + lambda I)^{-1} vec(V)`` (exact damping)
-    or ``nu * (G + lambda_G I)^{-1} V (A + lambda_A I)^{-1}`` (factored damping),
+    ``name.group{i}``; the q, k, v and output projections of ``nn.MultiheadAttention``:
+    ``kfac_optim.layers.AttentionLayers``) with weight gradient ``V`` (o, d), trainable bias
+    as the last column, the step replaces ``V`` by ``nu * (A (x) G + lambda I)^{-1} vec(V)``
+    (exact damping) or ``nu * (G + lambda_G I)^{-1} V (A + lambda_A I)^{-1}`` (factored damping),
     where A (d, d) and G (o, o) are bias-corrected EMAs of the batch factors
     ``A = (1/T) sum a a^T`` and ``G = (1/N) sum g g^T`` (``kfac_optim.factors``) and
     ``nu = min(1, sqrt(kl_clip / (lr^2 sum_layers <V_pre, V>)))`` is the KL clip of
@@ -139,6 +143,7 @@ class KFACPreconditioner:
         self.last_step: StepSettings | None = None
         self._warned_stale = False
         self._layers: dict[str, KFACLayer] = {}
+        self._attention: list[AttentionLayers] = []
         with self._whole_parameters(with_grads=False):  # FSDP1: shapes of whole weights
             chosen = self._select_modules()
             for name, module in chosen:
@@ -152,13 +157,29 @@ class KFACPreconditioner:
         self._placement.setup(self._layers, self._policy)
         self._capture = StatisticsCapture(self._layers, opts, lambda: self.capturing)
         self._handles = self._capture.register(self.model)
+        self._handles += [attention.install() for attention in self._attention]
         log.info("K-FAC preconditions %d layers: %s", len(self._layers), list(self._layers))
 
     # Registration -------------------------------------------------------------
     def _select_modules(self) -> list[tuple[str, nn.Module]]:
-        chosen: dict[int, tuple[str, nn.Module]] = {}
+        chosen: dict[object, tuple[str, nn.Module]] = {}
+        hidden: list[str] = []  # attention modules: their layers are chosen with them
         for wrapped_name, module in self.model.named_modules():
             name = strip_wrapper_names(wrapped_name)
+            if any(h == "" or name.startswith(h + ".") for h in hidden):
+                continue
+            attention = attention_layers(name, module)
+            if attention is not None:
+                hidden.append(name)
+                if self.options.skips(name, module):
+                    continue
+                parts = [(n, m) for n, m in attention.modules
+                         if not self.options.skips(n, m) and m.weight.requires_grad]
+                for n, m in parts:  # a block is keyed by its name (rows of one weight)
+                    chosen[n if isinstance(m, InProjection) else id(m.weight)] = (n, m)
+                if parts:
+                    self._attention.append(attention)
+                continue
             if not is_supported(module) or self.options.skips(name, module):
                 continue
             if not module.weight.requires_grad:
@@ -275,9 +296,12 @@ class KFACPreconditioner:
             ValueError: bad ``lr``/``damping``/``kl_clip``, or a KL clip without any lr.
             RuntimeError: with several ranks, at a factor reduction, ranks out of step
                 (different step counts, or a rank that captured nothing since its last
-                step: an extra ``step()`` call), on every rank.
+                step: an extra ``step()`` call), on every rank; or a layer's weight has a
+                gradient but its module's forward never ran (the weight is used directly);
+                nothing is changed.
         """
         self.last_step = settings = StepSettings.resolve(self.options, lr, damping, kl_clip)
+        self._check_hooked()
         if self.capturing:
             self._placement.reduce_statistics(self._layers, self.steps)
         counts = self._update_factors()
@@ -298,6 +322,27 @@ class KFACPreconditioner:
             results = self._placement.precondition(self._layers, settings.damping)
             self._write_clipped(results, settings)
         self.steps += 1
+
+    def _check_hooked(self) -> None:
+        """Refuse layers whose weight has a gradient but whose forward never ran through the
+        module while other layers' did (the model used the weight directly, e.g.
+        ``F.linear(x, layer.weight)``): no statistics would ever reach them.
+
+        Raises:
+            RuntimeError: naming those layers and how to leave them to the base update.
+        """
+        layers = self._layers.values()
+        if self._fsdp1 is not None or not any(layer.hooked for layer in layers):
+            # no forward since construction (gradients computed before it); FSDP1: a rank's
+            # gradient shard may be empty, the ranks would not agree
+            return
+        missed = [la.name for la in layers if not la.hooked and la.capture.has_grad()]
+        if missed:
+            raise RuntimeError(
+                f"K-FAC layers {missed} have weight gradients but their modules' forward never "
+                "ran (the model uses their weights directly, e.g. F.linear(x, module.weight)), "
+                "so they are never captured; add them to skip_layers to leave them to the base "
+                "update")
 
     def _update_factors(self) -> dict[str, Tensor]:
         """Fold pending statistics into the running factors; returns each updated layer's
