@@ -88,6 +88,23 @@ def test_trainer_refuses_second_optimizer(tmp_path):
         KFACTrainer(model=model, args=args, train_dataset=_examples(), optimizers=(sgd, None))
 
 
+def test_trainer_lr_and_adam_settings_come_from_the_arguments(tmp_path):
+    from kfac_optim.integrations.transformers import KFACTrainer
+
+    assert transformers.TrainingArguments(output_dir=str(tmp_path)).learning_rate == 5e-5
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = KFACTrainer(model=_model(), args=args, train_dataset=_examples())
+    with pytest.warns(UserWarning, match="default learning_rate"):
+        trainer.create_optimizer()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                          adam_beta1=0.8, adam_epsilon=1e-6, weight_decay=0.01)
+    trainer = KFACTrainer(model=_model(), args=args, train_dataset=_examples(),
+                          kfac_kwargs=dict(base="adamw"))
+    group = trainer.create_optimizer().param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (
+        5e-5, (0.8, 0.999), 1e-6, 0.01)
+
+
 def _launch(cmd, tmp_path, extra):
     from tests.launch import ROOT, launch
 

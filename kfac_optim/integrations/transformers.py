@@ -10,8 +10,13 @@ optimizer to be created in ``create_optimizer``. So the recipe is a subclass::
     trainer.train()
 
 ``lr`` and ``weight_decay`` come from ``TrainingArguments`` (``learning_rate``,
-``weight_decay``), as do ``gradient_accumulation_steps``; Trainer's LR scheduler drives
-the KFAC param group. Trainer's ``optimizer.train()/eval()`` calls switch statistics
+``weight_decay``), as do ``gradient_accumulation_steps`` and, for the Adam-family bases
+(``kfac_kwargs=dict(base="adamw")`` or ``"grafting"``), ``betas`` and ``eps``
+(``adam_beta1``, ``adam_beta2``, ``adam_epsilon``); ``kfac_kwargs`` overrides any of them.
+Trainer's LR scheduler drives the KFAC param group. Trainer's default ``learning_rate``
+(5e-5) is an AdamW fine-tuning rate: with the SGD-momentum base (``base="sgd"``, K-FAC lrs
+of order 0.1-1) it barely moves the weights, and ``create_optimizer`` warns when it is used
+so. Trainer's ``optimizer.train()/eval()`` calls switch statistics
 capture on and off around evaluation. Padding needs no extra code: labels of -100 and
 ``attention_mask`` are read from the batch, and ``num_items_in_batch`` (the token count
 Trainer normalises the loss by) from the model call.
@@ -47,6 +52,7 @@ transformers raises ``ImportError`` saying so.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from .._extras import require
@@ -56,6 +62,8 @@ from ..optimizer import KFAC
 Trainer = require("transformers", "hf", "kfac_optim.integrations.transformers").Trainer
 
 __all__ = ["KFACTrainer"]
+
+_TRAINER_DEFAULT_LR = 5e-5  # transformers.TrainingArguments.learning_rate
 
 
 class KFACTrainer(Trainer):
@@ -80,8 +88,17 @@ class KFACTrainer(Trainer):
 
     def create_optimizer(self, model: Any = None) -> KFAC:
         if self.optimizer is None:
-            kw = dict(lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+            args = self.args
+            kw = dict(lr=args.learning_rate, weight_decay=args.weight_decay)
+            if self.kfac_kwargs.get("base", "sgd") != "sgd":
+                kw.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
             kw.update(self.kfac_kwargs)
+            if kw.get("base", "sgd") == "sgd" and kw["lr"] == _TRAINER_DEFAULT_LR:
+                warnings.warn(
+                    f"KFACTrainer: lr={kw['lr']} is TrainingArguments' default learning_rate, an "
+                    "AdamW fine-tuning rate; with K-FAC's SGD-momentum base (base='sgd') it "
+                    "barely moves the weights: set learning_rate (K-FAC with SGD: 0.1-1), or "
+                    "pass kfac_kwargs=dict(base='adamw') to keep AdamW's rate", stacklevel=2)
             self.optimizer = KFAC(self.model if model is None else model, **kw)
             pre = self.optimizer.preconditioner
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
