@@ -22,6 +22,7 @@ from kfac_optim.demo.data import (
     VOCAB_SIZE,
     lm_batches,
     lm_eval_chunks,
+    load_digits_data,
     load_lm_data,
     load_text_tokens,
 )
@@ -160,6 +161,14 @@ def test_digits_demo_smoke(tmp_path, kind):
     pre = _fresh_preconditioner(model, results["runs"]["kfac"]["hparams"])
     pre.load_state_dict(torch.load(out / "kfac_preconditioner.pt", weights_only=False))
     assert pre.state_dict()["steps"] == steps
+
+
+def test_digits_unit_scale_is_the_same_split_in_0_1():
+    std, unit = load_digits_data(seed=0), load_digits_data(seed=0, scale="unit")
+    assert torch.equal(std.y_val, unit.y_val) and torch.equal(std.y_train, unit.y_train)
+    assert float(unit.x_train.min()) == 0.0 and float(unit.x_train.max()) == 1.0
+    with pytest.raises(ValueError, match="scale"):
+        load_digits_data(scale="minmax")
 
 
 def test_lm_split_is_deterministic_and_disjoint():

@@ -212,18 +212,22 @@ class DigitsData:
     y_val: Tensor
 
 
-def load_digits_data(val_fraction: float = 0.2, seed: int = 0) -> DigitsData:
+def load_digits_data(val_fraction: float = 0.2, seed: int = 0,
+                     scale: str = "standard") -> DigitsData:
     """scikit-learn's digits with a stratified held-out split.
 
-    Pixels are standardized with the training split's mean and standard deviation
-    (constant pixels get scale 1), so nothing of the held-out split leaks in.
+    With ``scale="standard"`` pixels are standardized with the training split's mean and
+    standard deviation (constant pixels get scale 1), so nothing of the held-out split
+    leaks in; ``scale="unit"`` divides the raw intensities (0..16) by 16, into [0, 1]
+    (autoencoder targets).
 
     Args:
         val_fraction: held-out fraction in (0, 1).
         seed: seed of the stratified shuffle.
+        scale: ``"standard"`` or ``"unit"``.
 
     Raises:
-        ValueError: ``val_fraction`` not in (0, 1).
+        ValueError: ``val_fraction`` not in (0, 1), unknown ``scale``.
     """
     feature = "the demo's digits data (--task digits)"
     load_digits = require("sklearn.datasets", "demo", feature).load_digits
@@ -232,13 +236,16 @@ def load_digits_data(val_fraction: float = 0.2, seed: int = 0) -> DigitsData:
 
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if scale not in ("standard", "unit"):
+        raise ValueError(f"scale={scale!r}; accepted: ('standard', 'unit')")
     x, y = load_digits(return_X_y=True)
     x_tr, x_va, y_tr, y_va = train_test_split(x, y, test_size=val_fraction, stratify=y,
                                               random_state=seed)
     scaler = StandardScaler().fit(x_tr)
 
     def as_x(a):
-        return torch.tensor(scaler.transform(a), dtype=torch.float32)
+        a = scaler.transform(a) if scale == "standard" else a / 16.0
+        return torch.tensor(a, dtype=torch.float32)
 
     def as_y(a):
         return torch.tensor(a, dtype=torch.int64)
