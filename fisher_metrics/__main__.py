@@ -25,6 +25,33 @@ from pathlib import Path
 
 STATE_FILES = ("kfac_state.pt", "kfac_preconditioner.pt")
 DTYPES = ("float32", "float64")
+REPORT_DESCRIPTION = """\
+Post-hoc curvature report of a K-FAC-trained Hugging Face causal LM: per-layer K-FAC
+metrics from the stored factors plus exact Lanczos checks on a small data set.
+
+--model is either a save_pretrained directory, with the K-FAC state (a torch.save of
+KFACPreconditioner.state_dict()) given by --kfac-state or found as kfac_state.pt or
+kfac_preconditioner.pt in it or next to it, or an output directory of
+python -m kfac_optim.demo (it holds kfac_model/ and kfac_preconditioner.pt).
+
+--data is 'pydoc' (the demo corpus: byte-level ids, or the vocabulary of the
+tokenizer.json saved with the model), a UTF-8 text file (byte-level ids), or a .pt file
+holding a (B, S) integer tensor of token ids.
+
+Written to --out: report.json, report.md, report.html (self-contained: plots embedded)
+and the plots as PNG files (spectra.png, slq.png, bars.png) that report.md links.
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default shown (unless its help states it, or it is a required option or a
+    flag); the description's line breaks kept."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default" in text or action.required or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,14 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser(
         "report",
         help="post-hoc curvature report from stored K-FAC factors plus exact Lanczos checks",
-        description=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=REPORT_DESCRIPTION,
+        formatter_class=_HelpFormatter,
     )
-    rep.add_argument("--model", required=True, help="save_pretrained or demo out dir")
-    rep.add_argument("--kfac-state", default=None, help="torch.save of pre.state_dict()")
+    rep.add_argument("--model", required=True,
+                     help="save_pretrained directory or kfac_optim.demo output directory")
+    rep.add_argument("--kfac-state", default=None, help="torch.save of KFACPreconditioner."
+                     "state_dict() (default: kfac_state.pt or kfac_preconditioner.pt by --model)")
     rep.add_argument("--data", default="pydoc", help="'pydoc', a text file, or a .pt id tensor")
     rep.add_argument("--out", default="fisher_report", help="output directory")
-    rep.add_argument("--seq-len", type=int, default=None, help="tokens per window")
+    rep.add_argument("--seq-len", type=int, default=None,
+                     help="tokens per window (default: min(64, n_positions))")
     rep.add_argument("--num-sequences", type=int, default=8, help="windows of text used")
     rep.add_argument("--batch-size", type=int, default=4, help="windows per batch")
     rep.add_argument("--k", type=int, default=10, help="whole-model K-FAC eigenvalues listed")
@@ -52,9 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--slq-probes", type=int, default=4, help="SLQ probes (0: skip)")
     rep.add_argument("--slq-steps", type=int, default=20, help="Lanczos steps per SLQ probe")
     rep.add_argument("--hessian-k", type=int, default=3, help="Hessian/GGN eigenvalues (0: skip)")
-    rep.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of exact products")
-    rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    rep.add_argument("--dtype", choices=DTYPES, default=None,
+                     help="dtype of the exact products (default: the model's)")
+    rep.add_argument("--seed", type=int, default=0, help="seed of Lanczos starts and SLQ probes")
+    rep.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default: torch's)")
     rep.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -161,7 +193,7 @@ def run_report(args: argparse.Namespace) -> list:
         progress=not args.no_progress,
     )
     print((Path(args.out) / "report.md").read_text())
-    print(f"wrote {args.out}/report.json, report.md, report.html")
+    print(f"wrote {args.out}/report.json, report.md, report.html and the PNG plots")
     return table
 
 

@@ -71,8 +71,10 @@ def top_eigenvalues(
         - ``top_eigenvalues``: list of ``k_computed`` floats, most extreme first
           (descending for ``"largest"``, ascending for ``"smallest"``).
         - ``max_eigenvalue``, ``min_computed_eigenvalue``: max / min of those.
-        - ``condition_number``: ``max / min`` over the computed eigenvalues above
-          ``tol * max`` (``nan`` if none is positive).
+        - ``top_k_ratio``: ``max / min`` over the computed eigenvalues above
+          ``tol * max`` (``lambda_1 / lambda_k`` for ``"largest"``; ``nan`` if none is
+          positive). Not the condition number of the matrix: its smallest eigenvalue is
+          not computed (the condition number is at least this ratio).
         - ``effective_rank``: Roy & Vetterli effective rank of the computed ones.
         - ``spectral_gap``: ``|e_1 - e_2|`` of the two most extreme computed
           (``lambda_1 - lambda_2`` for ``"largest"``); ``spectral_range``:
@@ -121,7 +123,7 @@ def top_eigenvalues(
         f" = {res.tol:.1e} * {res.scale:.4g}) after {res.iterations} Lanczos iterations with "
         f"{reorth} reorthogonalization ({res.restarts} restarts, {res.ghosts_removed} ghost "
         f"copies removed); {op.num_rows} valid rows in {op.num_batches} batches, {n} parameters. "
-        "condition_number, effective_rank, spectral_gap and spectral_range describe the "
+        "top_k_ratio, effective_rank, spectral_gap and spectral_range describe the "
         f"{len(values)} computed eigenvalues only, not the full spectrum."
     )
     if num_converged < k:
@@ -132,7 +134,7 @@ def top_eigenvalues(
         "top_eigenvalues": values,
         "max_eigenvalue": max(values),
         "min_computed_eigenvalue": min(values),
-        "condition_number": capacity.condition_number(res.eigenvalues, rtol=res.tol),
+        "top_k_ratio": capacity.condition_number(res.eigenvalues, rtol=res.tol),
         "effective_rank": capacity.effective_rank(res.eigenvalues),
         "spectral_gap": abs(values[0] - values[1]) if len(values) > 1 else math.nan,
         "spectral_range": capacity.spectral_range(res.eigenvalues),

@@ -65,7 +65,9 @@ from kfac_optim.state import g_rows, preconditioner_state, read_factors
 from ._validation import check_dtype, check_int, check_positive_float
 from .representation import FisherRepresentation, log_sum
 
-__all__ = ["KFACFisher", "LAYER_KINDS", "layer_kind"]
+__all__ = ["BY_DESIGN", "KFACFisher", "LAYER_KINDS", "layer_kind"]
+
+BY_DESIGN = "skipped by design"  # how a skipped_layers reason for a deliberate skip begins
 
 _CHUNK = 2**22  # entries of s_A s_G^T handled at once by logdet
 
@@ -157,9 +159,11 @@ class KFACFisher(FisherRepresentation):
         param_names: all covered parameters, ``named_parameters()`` order.
         param_shapes: ``{name: shape}``.
         steps: the preconditioner's step count.
-        skipped_layers: ``{layer: reason}`` for state layers without factors yet (or not
-            read: the q, k, v blocks of an ``nn.MultiheadAttention``)
-            (e.g. never reached by a captured backward); they are not covered.
+        skipped_layers: ``{layer: reason}`` for state layers without factors, not covered:
+            skipped by design (a position table, left to the base update by ``kfac_optim``;
+            the reason begins with :data:`BY_DESIGN`), not read (the q, k, v blocks of an
+            ``nn.MultiheadAttention``), or without a factor update yet (never reached by a
+            captured backward).
         dtype, device: of the factors here (default float64) and of products.
     """
 
@@ -315,6 +319,9 @@ class KFACFisher(FisherRepresentation):
                 "woodbury_reduction='gather' state"
             )
         factors = read_factors(entry, name, dtype=dtype)
+        if factors is None and entry.get("positional", False):
+            return (f"{BY_DESIGN} (an embedding looked up with ids shared by the whole batch, a "
+                    "position table: kfac_optim leaves it to the base update)")
         if factors is None:
             return "no factor update yet (the layer never saw a captured forward/backward)"
         a, g, u = factors.a, factors.g, factors.u
@@ -399,6 +406,21 @@ class KFACFisher(FisherRepresentation):
         return lay.from_matrix(V)
 
     # ------------------------------------------------------------ spectra
+
+    def factor_eigenvalues(self, layer: str) -> tuple[Tensor, Tensor]:
+        """Eigenvalues of the factors ``A`` and ``G`` of ``layer``, descending.
+
+        A low-rank ``G = U U^T`` (``U: (o, k)``) gets its ``o - k`` zero eigenvalues
+        appended. Eigenvalues below 0 (round-off of a PSD factor) are set to 0.
+
+        Returns:
+            ``(s_A (d,), s_G (o,))`` float64 CPU tensors.
+
+        Raises:
+            ValueError: unknown ``layer``.
+        """
+        s_a, s_g, zeros = self._layers[self._check_layer(layer)].factor_spectra()
+        return s_a, torch.cat([s_g, s_g.new_zeros(zeros)])
 
     def eigenvalues(self, layer: str, k: int | None = None) -> Tensor:
         """Eigenvalues ``s_A,i s_G,j`` of ``A (x) G``, descending.

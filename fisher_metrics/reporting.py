@@ -16,9 +16,18 @@ matrix-free checks on a small data set:
   (:func:`~fisher_metrics.compare.compare_hessian_fisher`).
 
 Files written to ``out``: ``report.json`` (everything; non-finite numbers as
-``null``), ``report.md`` (tables and warnings) and ``report.html`` (the same
-with matplotlib plots embedded as base64 PNGs: per-layer K-FAC spectra, the SLQ
-density, per-layer bars).
+``null``), the matplotlib plots as PNG files (``spectra.png``: per-layer K-FAC
+spectra down to ``SPECTRUM_FLOOR = 1e-6`` x the model's largest eigenvalue;
+``slq.png``: the SLQ density, reflected at 0 because the GGN is PSD, down to
+``DENSITY_FLOOR = 1e-6`` x its peak; ``bars.png``: per-layer trace on a linear axis
+from 0, top eigenvalue and condition number as dots on log axes), ``report.md``
+(headings, tables, warnings, the PNG files linked) and ``report.html`` (the same
+content as HTML headings and tables, self-contained: the PNGs embedded as ``data:``
+URIs). A layer is flagged "ill-conditioned" relative to the model's own layers
+(condition number above ``cond_warn_relative`` x their median). Modules with
+trainable parameters outside the K-FAC layers are listed, "skipped by design" where
+``kfac_optim``'s layer registry leaves them to the base update (position tables,
+LayerNorm, ...).
 
 Units: eigenvalues and traces are those of the Fisher / GGN of the mean loss per
 row (token or sample), loss per squared parameter unit.
@@ -41,17 +50,20 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kfac_optim._extras import require
+from kfac_optim.layers import is_supported, strip_wrapper_names
 
 from ._validation import check_choice, check_int, check_positive_float, check_seed
 from .compare import FISHER_CURVATURES, compare_hessian_fisher
 from .data import BYTE_VOCAB_SIZE, corpus_tokens, lm_batches, tokenizer_corpus_tokens
 from .eigenvalues import top_eigenvalues
-from .kfac import KFACFisher
-from .lanczos import slq
+from .kfac import BY_DESIGN, KFACFisher
+from .lanczos import gaussian_density, slq
 from .operators import CallableOperator, make_operator
 
 __all__ = [
+    "PLOT_FILES",
     "REPORT_FILES",
+    "SPECTRUM_FLOOR",
     "TABLE_COLUMNS",
     "build_report",
     "default_data",
@@ -69,6 +81,8 @@ TABLE_COLUMNS = (
     "top_eigenvalue",
     "effective_rank",
     "condition_number",
+    "cond_A",
+    "cond_G",
     "exact_top_eigenvalue",
     "kfac_exact_ratio",
     "warnings",
@@ -81,6 +95,13 @@ KFAC_NOTE = (
     "so K-FAC / exact ratios far from 1 early in training are expected."
 )
 MAX_PLOTTED = 400  # eigenvalues drawn per layer in the spectra plot
+SPECTRUM_FLOOR = 1e-6  # spectra plot: eigenvalues below this x the model's largest are not drawn
+DENSITY_FLOOR = 1e-6  # SLQ plot: density below this x its peak is not drawn
+TOP_LISTED = 5  # eigenvalues per layer in the spectra table
+# Numerical rank of a factor: eigenvalues above dim * eps * max count (NumPy's matrix_rank
+# tolerance), with eps of float32, the factors' default storage dtype in kfac_optim.
+FACTOR_EPS = torch.finfo(torch.float32).eps
+PLOT_FILES = {"spectra": "spectra.png", "slq": "slq.png", "bars": "bars.png"}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -206,30 +227,103 @@ def _counting(op, bar) -> CallableOperator:
 # --------------------------------------------------------------------------- build
 
 
-def _layer_warnings(row: dict[str, Any], cond_warn: float, ratio_warn: float) -> list[str]:
+def _factor_condition(values: Tensor) -> tuple[float | None, int]:
+    """``(condition number or None when singular, numerical rank)`` of a PSD factor.
+
+    ``values``: its ``(dim,)`` eigenvalues, descending; rank: eigenvalues above
+    ``dim * FACTOR_EPS * max``.
+    """
+    top = float(values[0]) if values.numel() else 0.0
+    rank = int((values > values.numel() * FACTOR_EPS * top).sum()) if top > 0 else 0
+    if rank < values.numel():
+        return None, rank
+    return top / float(values[-1]), rank
+
+
+def _cond_cell(row: dict[str, Any], side: str) -> str:
+    """``cond_A`` / ``cond_G`` as shown: the number, or ``singular (rank r of dim)``."""
+    if row[f"cond_{side}"] is not None:
+        return _fmt(row[f"cond_{side}"])
+    return f"singular (rank {row[f'rank_{side}']} of {row[f'dim_{side}']})"
+
+
+def _layer_warnings(
+    row: dict[str, Any], median_cond: float, cond_warn_relative: float,
+    cond_warn: float | None, ratio_warn: float,
+) -> list[tuple[str, str]]:
+    """``[(short flag, explanation)]`` for one table row."""
     out = []
     cond = row["condition_number"]
     if math.isnan(cond):
-        out.append("zero K-FAC block (no positive eigenvalue)")
-    elif cond > cond_warn:
-        out.append(
-            f"ill-conditioned: condition number {cond:.3g} > {cond_warn:.0e} (damping sets the "
-            "step in the flattest directions)"
-        )
+        out.append(("zero block", "no positive K-FAC eigenvalue"))
+    elif cond > cond_warn_relative * median_cond:
+        out.append(("ill-conditioned", (
+            f"condition number {cond:.3g} > {cond_warn_relative:g} x the median over this "
+            f"model's K-FAC layers ({median_cond:.3g}); damping sets the step in the flattest "
+            "directions"
+        )))
+    elif cond_warn is not None and cond > cond_warn:
+        out.append(("ill-conditioned",
+                    f"condition number {cond:.3g} > cond_warn = {cond_warn:.3g}"))
     if row["low_rank_g"] and row["g_rank"] < row["shape"][0]:
-        out.append(
-            f"low-rank G: rank {row['g_rank']} < o = {row['shape'][0]}, so A (x) G has "
+        out.append(("low-rank G", (
+            f"rank {row['g_rank']} < o = {row['shape'][0]}, so A (x) G has "
             f"{(row['shape'][0] - row['g_rank']) * row['shape'][1]} zero eigenvalues"
-        )
+        )))
     ratio = row["kfac_exact_ratio"]
     if ratio is not None and not (1.0 / ratio_warn <= ratio <= ratio_warn):
-        out.append(f"K-FAC top eigenvalue is {ratio:.3g} x the exact GGN one")
+        out.append((f"K-FAC / exact = {ratio:.3g}",
+                    f"the K-FAC top eigenvalue is {ratio:.3g} x the exact GGN one"))
     if row["exact_converged"] is False:
-        out.append("exact Lanczos did not converge: the exact value is a lower bound")
+        out.append(("exact: lower bound", "exact Lanczos did not converge"))
     if row["tied_with"]:
-        out.append(
-            f"weight shared with {row['tied_with']}: the exact block counts every use, K-FAC "
-            "only this layer's"
+        out.append(("tied weight", (
+            f"shared with {', '.join(row['tied_with'])}: the exact block counts every use, "
+            "K-FAC only this layer's"
+        )))
+    return out
+
+
+def _psd_density(
+    nodes: Tensor, weights: Tensor, num_points: int = 400
+) -> tuple[Tensor, Tensor, float]:
+    """Gaussian-smoothed SLQ density of a PSD matrix: ``(grid, phi, sigma)`` on ``[0, hi]``.
+
+    ``phi(t) = sum_i w_i [N(t; theta_i, sigma^2) + N(-t; theta_i, sigma^2)]`` for
+    ``t >= 0``: the kernel mass below 0 is reflected back (a PSD spectrum has none
+    there), so ``phi >= 0`` and it still integrates to 1. Nodes below 0 (round-off)
+    count as 0. ``sigma``: 1% of the largest node (0.01 if all are 0); ``hi = max
+    node + 6 sigma``.
+    """
+    nodes = nodes.detach().to("cpu", torch.float64).clamp_min(0.0)
+    top = float(nodes.max())
+    sigma = 0.01 * top if top > 0 else 0.01
+    grid = torch.linspace(0.0, top + 6 * sigma, num_points, dtype=torch.float64)
+    _, phi = gaussian_density(nodes, weights, grid=grid, sigma=sigma)
+    _, mirrored = gaussian_density(nodes, weights, grid=-grid, sigma=sigma)
+    return grid, phi + mirrored, sigma
+
+
+def _uncovered_modules(model: nn.Module, rep: KFACFisher) -> dict[str, str]:
+    """``{module: reason}`` for modules holding trainable parameters outside every K-FAC
+    layer (and not in ``rep.skipped_layers``), as the registry ``kfac_optim.layers`` decides."""
+    while isinstance(model, DistributedDataParallel):
+        model = model.module
+    covered = set(rep.aliases) | set(rep.param_names)
+    out = {}
+    for wrapped, module in model.named_modules():
+        name = strip_wrapper_names(wrapped)
+        if name in rep.skipped_layers or name in rep.layers:
+            continue
+        left = [p for p, t in module.named_parameters(recurse=False)
+                if t.requires_grad and (f"{name}.{p}" if name else p) not in covered]
+        if not left:
+            continue
+        kind = type(module).__name__
+        out[name or "<root>"] = (
+            f"skipped by design ({kind} is not a layer kind K-FAC preconditions: "
+            f"{', '.join(left)} take the base update)" if not is_supported(module) else
+            f"not covered ({kind} {', '.join(left)}: not in the K-FAC state, e.g. skip_layers)"
         )
     return out
 
@@ -250,7 +344,8 @@ def build_report(
     seed: int = 0,
     loss_fn: str | Callable[[Tensor, Tensor], Tensor] | None = None,
     progress: bool = True,
-    cond_warn: float = 1e8,
+    cond_warn_relative: float = 10.0,
+    cond_warn: float | None = None,
     ratio_warn: float = 2.0,
 ) -> dict[str, Any]:
     """Compute everything :func:`report` writes, without writing; see :func:`report` for arguments.
@@ -276,7 +371,9 @@ def build_report(
     slq_steps = check_int("slq_steps", slq_steps)
     hessian_k = check_int("hessian_k", hessian_k, minimum=0)
     seed = check_seed("seed", seed)
-    cond_warn = check_positive_float("cond_warn", cond_warn)
+    cond_warn_relative = check_positive_float("cond_warn_relative", cond_warn_relative)
+    if cond_warn is not None:
+        cond_warn = check_positive_float("cond_warn", cond_warn)
     ratio_warn = check_positive_float("ratio_warn", ratio_warn)
     if ratio_warn < 1:
         raise ValueError(f"ratio_warn must be >= 1; got {ratio_warn}")
@@ -317,6 +414,9 @@ def build_report(
             "factor_updates": factors["updates"],
             "tied_with": tied,
         }
+        for side, values in zip("AG", rep.factor_eigenvalues(layer), strict=True):
+            row[f"cond_{side}"], row[f"rank_{side}"] = _factor_condition(values)
+            row[f"dim_{side}"] = values.numel()
         if exact:
             res = top_eigenvalues(
                 model,
@@ -332,10 +432,15 @@ def build_report(
             row["exact_iterations"] = res["lanczos_iterations"]
             if res["max_eigenvalue"] > 0:
                 row["kfac_exact_ratio"] = row["top_eigenvalue"] / res["max_eigenvalue"]
-        row["warnings"] = _layer_warnings(row, cond_warn, ratio_warn)
         table.append(row)
         bar.update(1)
     bar.close()
+    conds = [row["condition_number"] for row in table if math.isfinite(row["condition_number"])]
+    median_cond = float(torch.tensor(conds).median()) if conds else math.inf
+    for row in table:
+        found = _layer_warnings(row, median_cond, cond_warn_relative, cond_warn, ratio_warn)
+        row["flags"] = [flag for flag, _ in found]
+        row["warnings"] = [f"{flag}: {why}" for flag, why in found]
 
     top = rep.top_k(min(k, rep.num_params))
     model_metrics = rep.capacity()
@@ -353,7 +458,7 @@ def build_report(
         bar = _progress(progress, slq_probes * steps, "fisher_metrics: SLQ")
         density = slq(_counting(op, bar), num_probes=slq_probes, lanczos_steps=steps, seed=seed)
         bar.close()
-        grid, phi = density.density(num_points=400)
+        grid, phi, sigma = _psd_density(density.nodes, density.weights)
         slq_result = {
             "curvature": "ggn",
             "params": "all trainable",
@@ -365,6 +470,7 @@ def build_report(
             "max_node": float(density.nodes.max()),
             "nodes": density.nodes.tolist(),
             "weights": density.weights.tolist(),
+            "sigma": sigma,
             "grid": grid.tolist(),
             "density": phi.tolist(),
         }
@@ -408,6 +514,10 @@ def build_report(
         "units": "loss per squared parameter unit (Fisher/GGN of the mean loss per row)",
         "note": KFAC_NOTE,
         "skipped_layers": dict(rep.skipped_layers),
+        "uncovered_modules": _uncovered_modules(model, rep),
+        "median_condition_number": median_cond,
+        "cond_warn_relative": cond_warn_relative,
+        "cond_warn": cond_warn,
     }
     return {
         "table": table,
@@ -445,82 +555,208 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _markdown(result: dict[str, Any]) -> str:
-    lines = ["# Curvature report", ""]
-    meta = result["meta"]
-    lines.append(
-        f"Model `{meta['model']}`: {meta['num_params_model']} trainable parameters, "
-        f"{meta['num_params_kfac']} in {result['model']['num_layers']} K-FAC layers "
-        f"(K-FAC state after {meta['kfac_steps']} steps). Units: {meta['units']}."
-    )
-    lines += ["", meta["note"]]
-    if meta["skipped_layers"]:
-        skipped = ", ".join(f"`{name}` ({why})" for name, why in meta["skipped_layers"].items())
-        lines += ["", f"K-FAC layers without factors (not covered): {skipped}."]
-    lines += ["", "## Layers", ""]
-    lines.append("| " + " | ".join(TABLE_COLUMNS) + " |")
-    lines.append("|" + "---|" * len(TABLE_COLUMNS))
-    for row in result["table"]:
-        cells = [_fmt(row[c]).replace("|", "/") for c in TABLE_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    m = result["model"]
-    lines += ["", "## Whole model (K-FAC, block-diagonal)", ""]
-    for key in ("trace", "max_eigenvalue", "effective_rank", "condition_number", "logdet_unit"):
-        lines.append(f"- {key}: {_fmt(m[key])}")
-    lines.append(f"- top eigenvalues: {', '.join(_fmt(v) for v in m['top_eigenvalues'])}")
-    if result["slq"]:
-        s = result["slq"]
-        lines += [
-            "",
-            "## GGN spectral density (SLQ, all trainable parameters)",
-            "",
-            f"- {s['num_probes']} probes x {s['lanczos_steps']} Lanczos steps over "
-            f"{s['num_rows']} rows; trace estimate {_fmt(s['trace_estimate'])}, largest node "
-            f"{_fmt(s['max_node'])}",
-        ]
+def _cell(row: dict[str, Any], column: str) -> str:
+    if column in ("cond_A", "cond_G"):
+        return _cond_cell(row, column[-1])
+    return _fmt(row[column])
+
+
+def _document(result: dict[str, Any], plots: Mapping[str, str]) -> list[tuple]:
+    """The report as blocks, rendered to Markdown and to HTML by the same content.
+
+    Blocks: ``("h1" | "h2", text)``, ``("p", text)``, ``("ul", [text])``,
+    ``("table", headers, [[cell]])``, ``("img", plot key, caption)``; text is plain
+    (no markup), escaped by each renderer.
+    """
+    meta, m = result["meta"], result["model"]
+    doc: list[tuple] = [("h1", "Curvature report")]
+    doc.append(("p", (
+        f"Model {meta['model']}: {meta['num_params_model']} trainable parameters, "
+        f"{meta['num_params_kfac']} in {m['num_layers']} K-FAC layers (K-FAC state after "
+        f"{meta['kfac_steps']} steps). Units: {meta['units']}."
+    )))
+    doc.append(("p", meta["note"]))
+    by_design = {k: v for k, v in meta["skipped_layers"].items() if v.startswith(BY_DESIGN)}
+    missing = {k: v for k, v in meta["skipped_layers"].items() if k not in by_design}
+    uncovered = [f"{name}: {why}" for name, why in by_design.items()]
+    uncovered += [f"{name}: not covered, {why}" for name, why in missing.items()]
+    uncovered += [f"{name}: {why}" for name, why in meta["uncovered_modules"].items()]
+    if uncovered:
+        doc += [("h2", "Parameters outside the K-FAC layers"), ("ul", uncovered)]
+
+    doc.append(("h2", "Layers"))
+    columns = [*TABLE_COLUMNS[:-1], "flags"]
+    doc.append(("table", columns, [[_cell(row, c) for c in columns] for row in result["table"]]))
+    doc.append(("p", (
+        "condition_number: of A (x) G over the eigenvalues above n eps (float64) times the "
+        "largest; cond_A, cond_G: of each factor, 'singular (rank r of d)' when some "
+        f"eigenvalue is at or below d eps (float32, {FACTOR_EPS:.2g}) times the largest. "
+        f"Layers above {meta['cond_warn_relative']:g} x the model's median condition number "
+        f"({_fmt(meta['median_condition_number'])}) are flagged ill-conditioned."
+    )))
+    warned = [f"{row['layer']}: {w}" for row in result["table"] for w in row["warnings"]]
+    doc += [("h2", "Warnings"), ("ul", warned or ["none"])]
+
+    doc.append(("h2", "Whole model (K-FAC, block-diagonal)"))
+    doc.append(("table", ["metric", "value"], [
+        ["trace", _fmt(m["trace"])],
+        ["largest eigenvalue", _fmt(m["max_eigenvalue"])],
+        ["effective rank", _fmt(m["effective_rank"])],
+        ["condition number", _fmt(m["condition_number"])],
+        ["log det (A (x) G + I)", _fmt(m["logdet_unit"])],
+        [f"top {len(m['top_eigenvalues'])} eigenvalues",
+         ", ".join(_fmt(v) for v in m["top_eigenvalues"])],
+        ["their layers", ", ".join(m["top_eigenvalue_layers"])],
+    ]))
     if result["comparison"]:
         c = result["comparison"]
-        lines += ["", "## Hessian vs GGN vs K-FAC (K-FAC layers' parameters)", ""]
-        lines.append("| i | Hessian | GGN | K-FAC | Hessian / GGN | K-FAC / GGN |")
-        lines.append("|---|---|---|---|---|---|")
-        for i, h in enumerate(c["hessian_top"]):
-            g = c["ggn_top"][i] if i < len(c["ggn_top"]) else None
-            q = c["kfac_top"][i] if i < len(c["kfac_top"]) else None
-            r1 = c["hessian_ggn_ratios"][i] if i < len(c["hessian_ggn_ratios"]) else None
-            r2 = c["kfac_ggn_ratios"][i] if i < len(c["kfac_ggn_ratios"]) else None
-            lines.append(f"| {i + 1} | " + " | ".join(_fmt(v) for v in (h, g, q, r1, r2)) + " |")
-    warned = [(row["layer"], w) for row in result["table"] for w in row["warnings"]]
-    lines += ["", "## Warnings", ""]
-    lines += [f"- `{layer}`: {w}" for layer, w in warned] or ["- none"]
-    return "\n".join(lines) + "\n"
+
+        def at(values: list, i: int) -> str:
+            return _fmt(values[i]) if i < len(values) else ""
+
+        doc.append(("h2", "Hessian vs GGN vs K-FAC (K-FAC layers' parameters)"))
+        doc.append(("table", ["i", "Hessian", "GGN", "K-FAC", "Hessian / GGN", "K-FAC / GGN"], [
+            [str(i + 1), _fmt(h), at(c["ggn_top"], i), at(c["kfac_top"], i),
+             at(c["hessian_ggn_ratios"], i), at(c["kfac_ggn_ratios"], i)]
+            for i, h in enumerate(c["hessian_top"])
+        ]))
+    if result["slq"]:
+        s = result["slq"]
+        doc.append(("h2", "GGN spectral density (SLQ, all trainable parameters)"))
+        doc.append(("p", (
+            f"{s['num_probes']} probes x {s['lanczos_steps']} Lanczos steps over "
+            f"{s['num_rows']} rows, {s['num_params']} parameters; trace estimate "
+            f"{_fmt(s['trace_estimate'])}, largest node {_fmt(s['max_node'])}, Gaussian "
+            f"width {_fmt(s['sigma'])}."
+        )))
+    doc.append(("h2", "Per-layer K-FAC spectra"))
+    doc.append(("table", ["layer", f"top {TOP_LISTED} eigenvalues", "exact GGN top",
+                          f"eigenvalues >= {SPECTRUM_FLOOR:g} x model top", "of"], [
+        [row["layer"], ", ".join(_fmt(v) for v in row["top_eigenvalues"]),
+         _fmt(row["exact_top_eigenvalue"]), str(row["above_floor"]), str(row["num_params"])]
+        for row in result["spectra"]
+    ]))
+    captions = {
+        "spectra": (f"Per-layer K-FAC spectra (eigenvalues of A (x) G, descending; below "
+                    f"{SPECTRUM_FLOOR:g} x the model's largest not drawn)."),
+        "slq": (f"GGN spectral density by SLQ (Gaussian-smoothed, Ubaru, Chen & Saad 2017), "
+                f"reflected at 0 (the GGN is PSD), drawn down to {DENSITY_FLOOR:g} x its peak."),
+        "bars": ("Per-layer summary: K-FAC trace (linear axis from 0); top eigenvalue and "
+                 "condition number as dots on log axes (no bar baseline)."),
+    }
+    for key in PLOT_FILES:
+        if key in plots:
+            doc.append(("img", key, captions[key]))
+    return doc
 
 
-def _png(fig) -> str:
+def _markdown(doc: list[tuple]) -> str:
+    lines: list[str] = []
+    for block in doc:
+        kind = block[0]
+        if kind in ("h1", "h2"):
+            lines += ["#" * int(kind[1]) + " " + block[1], ""]
+        elif kind == "p":
+            lines += [block[1], ""]
+        elif kind == "ul":
+            lines += [f"- {item}" for item in block[1]] + [""]
+        elif kind == "table":
+            _, head, rows = block
+            lines.append("| " + " | ".join(head) + " |")
+            lines.append("|" + "---|" * len(head))
+            lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
+            lines.append("")
+        elif kind == "img":
+            lines += [f"![{block[2]}]({PLOT_FILES[block[1]]})", ""]
+    return "\n".join(lines)
+
+
+HTML_STYLE = (
+    "body{font-family:sans-serif;margin:2em;max-width:1200px;color:#222}"
+    "table{border-collapse:collapse;font-size:12px;margin:0.5em 0}"
+    "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f0f0f0}"
+    "td:first-child{text-align:left}tr.warn{background:#fff4e0}"
+    "figure{margin:1em 0}img{max-width:100%}figcaption{font-size:12px;color:#555}"
+)
+
+
+def _html(doc: list[tuple], images: Mapping[str, bytes], warn_rows: set[int]) -> str:
+    """``doc`` as one self-contained HTML page (images embedded as data: URIs)."""
+    esc = html.escape
+    parts = []
+    tables = 0
+    for block in doc:
+        kind = block[0]
+        if kind in ("h1", "h2"):
+            parts.append(f"<{kind}>{esc(block[1])}</{kind}>")
+        elif kind == "p":
+            parts.append(f"<p>{esc(block[1])}</p>")
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in block[1]) + "</ul>")
+        elif kind == "table":
+            _, head, rows = block
+            body = []
+            for i, r in enumerate(rows):
+                style = ' class="warn"' if tables == 0 and i in warn_rows else ""
+                body.append(f"<tr{style}>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>")
+            parts.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head)
+                         + "</tr></thead><tbody>" + "".join(body) + "</tbody></table>")
+            tables += 1
+        elif kind == "img":
+            data = base64.b64encode(images[block[1]]).decode("ascii")
+            parts.append(f'<figure><img alt="{esc(block[2])}" src="data:image/png;base64,{data}">'
+                         f"<figcaption>{esc(block[2])}</figcaption></figure>")
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>Curvature report</title><style>{HTML_STYLE}</style></head><body>\n"
+        + "\n".join(parts) + "\n</body></html>\n"
+    )
+
+
+def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
 
 
-def _plots(result: dict[str, Any], rep: KFACFisher) -> dict[str, str]:
-    """Base64 PNGs (matplotlib ``Figure``, no pyplot state) keyed by plot name."""
+def _spectra_rows(result: dict[str, Any], rep: KFACFisher) -> list[dict[str, Any]]:
+    """Per layer: top eigenvalues, count above the plot floor, the values drawn."""
+    floor = SPECTRUM_FLOOR * float(result["model"]["max_eigenvalue"])
+    rows = []
+    for row in result["table"]:
+        values = rep.eigenvalues(row["layer"])
+        kept = values[values >= floor]
+        rows.append({
+            "layer": row["layer"],
+            "top_eigenvalues": values[:TOP_LISTED].tolist(),
+            "exact_top_eigenvalue": row["exact_top_eigenvalue"],
+            "above_floor": kept.numel(),
+            "num_params": row["num_params"],
+            "_drawn": kept,
+        })
+    return rows
+
+
+def _plots(result: dict[str, Any]) -> dict[str, bytes]:
+    """PNG bytes (matplotlib ``Figure``, Agg canvas, no pyplot state) keyed by plot name."""
     Figure = _figure()
-
     plots = {}
     fig = Figure(figsize=(7, 4.2))
     ax = fig.subplots()
-    for row in result["table"]:
-        values = rep.eigenvalues(row["layer"])
-        values = values[values > 1e-14 * float(values[0])]  # below: round-off of the factors
+    top = float(result["model"]["max_eigenvalue"])
+    for row in result["spectra"]:
+        values = row["_drawn"]
         if values.numel() == 0:
             continue
         index = torch.unique(torch.logspace(0, math.log10(values.numel()), MAX_PLOTTED).long()) - 1
-        (line,) = ax.loglog((index + 1).tolist(), values[index].tolist(), label=row["layer"])
-        if row["exact_top_eigenvalue"]:
-            ax.plot([1], [row["exact_top_eigenvalue"]], "x", color=line.get_color(), ms=9)
+        ax.loglog((index + 1).tolist(), values[index].tolist(),
+                  label=f"{row['layer']} ({values.numel()} of {row['num_params']})")
+    ax.set_ylim(SPECTRUM_FLOOR * top, 2 * top)
     ax.set_xlabel("eigenvalue index (descending)")
     ax.set_ylabel("eigenvalue of A (x) G")
-    ax.set_title("Per-layer K-FAC spectra (x: exact GGN top eigenvalue)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"Per-layer K-FAC spectra, down to {SPECTRUM_FLOOR:g} x the largest")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, title="layer (eigenvalues drawn of total)", title_fontsize=7)
     plots["spectra"] = _png(fig)
 
     if result["slq"]:
@@ -528,73 +764,56 @@ def _plots(result: dict[str, Any], rep: KFACFisher) -> dict[str, str]:
         fig = Figure(figsize=(7, 3.6))
         ax = fig.subplots()
         density = torch.tensor(s["density"])
-        density = density.clamp_min(1e-8 * float(density.max()))
-        ax.semilogy(s["grid"], density.tolist())
-        ax.axvline(result["model"]["max_eigenvalue"], ls="--", color="gray", label="K-FAC top")
+        floor = DENSITY_FLOOR * float(density.max())
+        shown = torch.where(density >= floor, density, torch.full_like(density, math.nan))
+        ax.semilogy(s["grid"], shown.tolist(), label="SLQ density")
+        ax.set_ylim(floor, 2 * float(density.max()))
+        ax.set_xlim(0, s["grid"][-1])
+        ax.axvline(top, ls="--", color="gray", label=f"K-FAC top {top:.3g}")
+        if result["comparison"] and result["comparison"]["ggn_top"]:
+            exact = result["comparison"]["ggn_top"][0]
+            ax.axvline(exact, ls=":", color="black",
+                       label=f"GGN top, K-FAC layers (Lanczos) {exact:.3g}")
         ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("density")
+        ax.set_ylabel("density (1 / eigenvalue unit)")
         ax.set_title(f"GGN spectral density (SLQ, {s['num_params']} parameters)")
         ax.legend(fontsize=8)
         plots["slq"] = _png(fig)
 
     rows = result["table"]
-    fig = Figure(figsize=(10, 0.35 * len(rows) + 1.8))
+    fig = Figure(figsize=(11, 0.35 * len(rows) + 1.8))
     axes = fig.subplots(1, 3, sharey=True)
     names = [row["layer"] for row in rows]
     ypos = list(range(len(rows)))
     axes[0].barh(ypos, [row["trace"] for row in rows])
-    axes[0].set_xscale("log")
-    axes[0].set_title("K-FAC trace")
+    axes[0].set_xlim(left=0)
+    axes[0].set_title("K-FAC trace (linear, from 0)")
     axes[0].set_yticks(ypos, names, fontsize=7)
-    axes[1].barh(
-        [y - 0.2 for y in ypos], [row["top_eigenvalue"] for row in rows], 0.4, label="K-FAC"
-    )
-    exact_vals = [row["exact_top_eigenvalue"] or 0.0 for row in rows]
-    if any(exact_vals):
-        axes[1].barh([y + 0.2 for y in ypos], exact_vals, 0.4, label="exact GGN")
+    axes[1].plot([row["top_eigenvalue"] for row in rows], ypos, "o", label="K-FAC")
+    exact = [(row["exact_top_eigenvalue"], y) for row, y in zip(rows, ypos, strict=True)
+             if row["exact_top_eigenvalue"]]
+    if exact:
+        axes[1].plot(*zip(*exact, strict=True), "s", mfc="none", label="exact GGN")
     axes[1].set_xscale("log")
-    axes[1].set_title("top eigenvalue")
+    axes[1].set_title("top eigenvalue (log, dots)")
     axes[1].legend(fontsize=7)
-    conds = [row["condition_number"] for row in rows]
-    axes[2].barh(ypos, [c if math.isfinite(c) else 0.0 for c in conds])
+    conds = [(row["condition_number"], y) for row, y in zip(rows, ypos, strict=True)
+             if math.isfinite(row["condition_number"])]
+    if conds:
+        axes[2].plot(*zip(*conds, strict=True), "o")
+    median = result["meta"]["median_condition_number"]
+    if math.isfinite(median):
+        axes[2].axvline(median, color="gray", ls="--", lw=1, label="median")
+        axes[2].axvline(result["meta"]["cond_warn_relative"] * median, color="tab:red", ls=":",
+                        lw=1, label=f"{result['meta']['cond_warn_relative']:g} x median (flag)")
+        axes[2].legend(fontsize=7)
     axes[2].set_xscale("log")
-    axes[2].set_title("condition number")
+    axes[2].set_title("condition number (log, dots)")
+    for ax in axes:
+        ax.grid(True, axis="x", which="major", alpha=0.3)
     axes[0].invert_yaxis()
     plots["bars"] = _png(fig)
     return plots
-
-
-def _html(result: dict[str, Any], plots: dict[str, str], markdown: str) -> str:
-    esc = html.escape
-    head = "".join(f"<th>{esc(c)}</th>" for c in TABLE_COLUMNS)
-    body = []
-    for row in result["table"]:
-        cells = "".join(f"<td>{esc(_fmt(row[c]))}</td>" for c in TABLE_COLUMNS)
-        style = ' class="warn"' if row["warnings"] else ""
-        body.append(f"<tr{style}>{cells}</tr>")
-    images = "".join(
-        f'<h2>{esc(title)}</h2><img alt="{esc(key)}" src="data:image/png;base64,{plots[key]}">'
-        for key, title in (
-            ("spectra", "Per-layer K-FAC spectra"),
-            ("slq", "GGN spectral density (SLQ)"),
-            ("bars", "Per-layer summary"),
-        )
-        if key in plots
-    )
-    summary = esc(markdown.split("## Whole model", 1)[-1])
-    paragraphs = markdown.split("## Layers", 1)[0].split("\n\n")[1:]
-    intro = "".join(f"<p>{esc(p.strip())}</p>" for p in paragraphs if p.strip())
-    return (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Curvature report</title>"
-        "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
-        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;"
-        "padding:3px 6px;text-align:right}tr.warn{background:#fff4e0}"
-        "pre{background:#f6f6f6;padding:1em;white-space:pre-wrap}img{max-width:100%}</style>"
-        "</head><body><h1>Curvature report</h1>"
-        f"{intro}"
-        f"<h2>Layers</h2><table><tr>{head}</tr>{''.join(body)}</table>"
-        f"<h2>Whole model</h2><pre>## Whole model{summary}</pre>{images}</body></html>\n"
-    )
 
 
 def report(
@@ -616,8 +835,9 @@ def report(
         kfac: a :class:`~fisher_metrics.kfac.KFACFisher`, a
             ``kfac_optim.KFACPreconditioner`` / ``KFAC`` optimizer, or a
             ``state_dict()`` of one (for ``model``).
-        out: directory for ``report.json``, ``report.md``, ``report.html``
-            (created); ``None`` writes nothing.
+        out: directory for ``report.json``, ``report.md``, ``report.html`` and the
+            plots as PNG files (created; see :func:`write_report`); ``None`` writes
+            nothing.
         **options: keyword arguments of :func:`build_report` (defaults in brackets):
 
             - ``k`` (10): whole-model K-FAC top eigenvalues listed.
@@ -633,7 +853,10 @@ def report(
             - ``loss_fn`` (None): see :func:`fisher_metrics.top_eigenvalues`.
             - ``progress`` (True): show tqdm progress bars (stderr; needs the
               ``report`` extra, ``False`` does not).
-            - ``cond_warn`` (1e8): warn above this condition number.
+            - ``cond_warn_relative`` (10.0): flag a layer "ill-conditioned" when its
+              condition number exceeds this multiple of the median over the model's
+              K-FAC layers (relative: a flag every layer gets says nothing).
+            - ``cond_warn`` (None): also flag above this absolute condition number.
             - ``ratio_warn`` (2.0): warn when ``K-FAC top / exact top`` is outside
               ``[1/r, r]`` (``r >= 1``).
 
@@ -641,7 +864,11 @@ def report(
         The per-layer table: a list of dicts (a ``pandas.DataFrame`` when pandas
         is importable) with :data:`TABLE_COLUMNS` and ``exact_converged``,
         ``exact_iterations``, ``low_rank_g``, ``g_rank``, ``factor_updates``,
-        ``tied_with``. ``shape`` is ``[o, d]`` of ``A (x) G``.
+        ``tied_with``, ``rank_A``, ``dim_A``, ``rank_G``, ``dim_G`` and ``flags`` (short
+        forms of ``warnings``). ``shape`` is ``[o, d]`` of ``A (x) G``. ``cond_A`` /
+        ``cond_G``: condition numbers of the factors, ``None`` when singular (numerical
+        rank ``rank_A < dim_A``: eigenvalues at or below ``dim * eps(float32) * max``
+        count as zero; the report shows "singular (rank r of d)").
 
     Raises:
         TypeError / ValueError: bad arguments (named), a K-FAC state or
@@ -684,15 +911,21 @@ def _check_out(out: Any) -> None:
 
 
 def write_report(result: dict[str, Any], out: str | Path, rep: KFACFisher) -> list[Path]:
-    """Write ``report.json``, ``report.md`` and ``report.html`` of a :func:`build_report` result.
+    """Write the report files of a :func:`build_report` result into ``out``.
+
+    Files: ``report.json`` (the result plus a per-layer ``spectra`` table; non-finite
+    numbers as ``null``), the plots as PNG files (:data:`PLOT_FILES`: ``spectra.png``,
+    ``slq.png`` when SLQ ran, ``bars.png``), ``report.md`` (headings, tables, warnings,
+    the PNG files linked beside it) and ``report.html`` (the same content as HTML
+    tables and headings, self-contained: the plots embedded as ``data:`` PNG URIs).
 
     Args:
         result: the dict :func:`build_report` returned.
         out: directory (created if missing).
-        rep: the K-FAC representation the result was built from (for the spectra plot).
+        rep: the K-FAC representation the result was built from (for the spectra).
 
     Returns:
-        The three paths written.
+        The paths written: the three :data:`REPORT_FILES`, then the PNG files.
 
     Raises:
         TypeError: ``out`` is not a path.
@@ -700,12 +933,20 @@ def write_report(result: dict[str, Any], out: str | Path, rep: KFACFisher) -> li
         ImportError: matplotlib (the ``report`` extra) is missing; nothing is written.
     """
     _check_out(out)
-    plots = _plots(result, rep)  # first: without matplotlib nothing is written
+    spectra = _spectra_rows(result, rep)
+    full = {**result, "spectra": spectra}
+    plots = _plots(full)  # first: without matplotlib nothing is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    markdown = _markdown(result)
+    doc = _document(full, plots)
+    warn_rows = {i for i, row in enumerate(result["table"]) if "ill-conditioned" in row["flags"]}
     paths = [out / name for name in REPORT_FILES]
-    paths[0].write_text(json.dumps(_jsonable(result), indent=1, allow_nan=False))
-    paths[1].write_text(markdown)
-    paths[2].write_text(_html(result, plots, markdown))
+    saved = {**result, "spectra": [{k: v for k, v in row.items() if k != "_drawn"}
+                                   for row in spectra]}
+    paths[0].write_text(json.dumps(_jsonable(saved), indent=1, allow_nan=False))
+    paths[1].write_text(_markdown(doc))
+    paths[2].write_text(_html(doc, plots, warn_rows))
+    for key, data in plots.items():
+        paths.append(out / PLOT_FILES[key])
+        paths[-1].write_bytes(data)
     return paths
