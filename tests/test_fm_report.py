@@ -18,7 +18,16 @@ import fisher_metrics as fm
 import kfac_optim
 from fisher_metrics.__main__ import main
 from fisher_metrics.data import EOS_ID, byte_tokens, corpus_tokens, lm_batches
-from fisher_metrics.reporting import REPORT_FILES, TABLE_COLUMNS, build_report, default_data
+from fisher_metrics.reporting import (
+    FACTOR_EPS,
+    PLOT_FILES,
+    REPORT_FILES,
+    SPECTRUM_FLOOR,
+    TABLE_COLUMNS,
+    build_report,
+    default_data,
+)
+from tests.browser import Browser, find_browser
 from tests.fm_reference import single_thread  # noqa: F401
 
 FAST = dict(exact_max_iter=6, slq_probes=2, slq_steps=6, hessian_k=1, progress=False)
@@ -74,11 +83,19 @@ def saved(tmp_path_factory):
     return root, model.eval(), pre.state_dict()
 
 
-def test_cli_writes_report(saved):
+@pytest.fixture(scope="module")
+def cli_report(saved):
+    """The report directory the CLI writes for the saved tiny GPT-2 (FAST budgets)."""
     root, _, _ = saved
     out = root / "report"
     assert main(["report", "--model", str(root / "model"), "--out", str(out), *FAST_CLI]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(REPORT_FILES)
+    return out
+
+
+def test_cli_writes_report(cli_report):
+    out = cli_report
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted([*REPORT_FILES, *PLOT_FILES.values()])
     result = json.loads((out / "report.json").read_text())
     table = result["table"]
     assert [row["layer"] for row in table][0] == "lm_head"
@@ -90,14 +107,24 @@ def test_cli_writes_report(saved):
         )
     head = table[0]
     assert head["low_rank_g"] and head["tied_with"] == ["transformer.wte.weight"]
-    assert any("weight shared" in w for w in head["warnings"])
+    assert any(w.startswith("tied weight: shared with") for w in head["warnings"])
     assert result["slq"]["num_probes"] == 2 and len(result["slq"]["nodes"]) == 12
     assert result["comparison"]["hessian_top"] and result["comparison"]["kfac_top"]
-    assert set(result["meta"]["skipped_layers"]) <= {"transformer.wpe"}  # ids shared by rows
+    # wpe: a position table (ids shared by the batch), left to the base update on purpose
+    assert set(result["meta"]["skipped_layers"]) == {"transformer.wpe"}
+    assert result["meta"]["skipped_layers"]["transformer.wpe"].startswith("skipped by design (")
+    uncovered = result["meta"]["uncovered_modules"]
+    assert set(uncovered) == {"transformer.h.0.ln_1", "transformer.h.0.ln_2", "transformer.ln_f"}
+    assert all(why.startswith("skipped by design (LayerNorm") for why in uncovered.values())
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "<table>" in html
+    assert html.count("data:image/png;base64,") == 3 and html.count("<table>") == 4
+    assert "<pre>" not in html and "```" not in html and "|---" not in html and "`" not in html
+    assert "never saw" not in html
     markdown = (out / "report.md").read_text()
     assert "| layer | type | shape |" in markdown and "## Warnings" in markdown
+    for name in PLOT_FILES.values():  # report.md shows the PNG files written beside it
+        assert f"]({name})" in markdown and (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "skipped by design" in markdown and "never saw" not in markdown
 
 
 def test_cli_finds_the_demo_layout(saved, tmp_path):
@@ -201,6 +228,121 @@ def test_module_entry_point_help():
         timeout=60,
     )
     assert done.returncode == 0 and "--kfac-state" in done.stdout
+    help_text = " ".join(done.stdout.split())  # argparse wraps lines
+    assert "(default: 10)" in help_text and "(default: pydoc)" in help_text  # --k, --data
+    assert "(default: 20)" in help_text and "(default: fisher_report)" in help_text
+    for markup in ("``", ":func:", ":class:"):  # plain text, not reST
+        assert markup not in help_text
+
+
+def _reference_condition(matrix):
+    """(condition number or None when singular, rank) of a PSD factor, by dense float64 eigh."""
+    values = torch.linalg.eigvalsh(matrix.double()).clamp_min(0).flip(0)
+    rank = int((values > values.numel() * FACTOR_EPS * values[0]).sum())
+    return (float(values[0] / values[-1]) if rank == values.numel() else None), rank
+
+
+def test_factor_condition_numbers_match_dense_reference(cli_report, saved):
+    _, model, state = saved
+    rep = fm.KFACFisher.from_state_dict(state, model)
+    table = json.loads((cli_report / "report.json").read_text())["table"]
+    finite = 0
+    for row in table:
+        f = rep.factors(row["layer"])
+        a = torch.diag(f["A"]) if f["A"].dim() == 1 else f["A"]
+        g = f["U"] @ f["U"].T if f["low_rank"] else f["G"]  # dense o x o reference
+        for side, matrix in (("A", a), ("G", g)):
+            cond, rank = _reference_condition(matrix)
+            assert row[f"rank_{side}"] == rank and row[f"dim_{side}"] == matrix.shape[0]
+            if cond is None:
+                assert row[f"cond_{side}"] is None
+            else:
+                assert row[f"cond_{side}"] == pytest.approx(cond, rel=1e-8)
+                finite += 1
+    assert finite >= 2  # healthy factors get a number, not inf
+    md = (cli_report / "report.md").read_text()
+    assert "inf" not in md.split("## Layers")[1].split("## Warnings")[0]
+    singular = next(r for r in table if r["cond_G"] is None)
+    assert f"singular (rank {singular['rank_G']} of {singular['dim_G']})" in md
+
+
+def test_ill_conditioned_flag_is_relative_to_the_models_layers(cli_report):
+    result = json.loads((cli_report / "report.json").read_text())
+    conds = [row["condition_number"] for row in result["table"]]
+    median = float(torch.tensor(conds).median())
+    assert result["meta"]["median_condition_number"] == pytest.approx(median)
+    flagged = [row["layer"] for row in result["table"] if "ill-conditioned" in row["flags"]]
+    assert flagged == [row["layer"] for row in result["table"]
+                       if row["condition_number"] > 10 * median]
+    assert 0 < len(flagged) < len(conds)  # on this model the flag separates layers
+
+
+def test_slq_density_is_non_negative_and_integrates_to_one(cli_report):
+    from fisher_metrics.lanczos import gaussian_density
+    from fisher_metrics.reporting import _psd_density
+
+    s = json.loads((cli_report / "report.json").read_text())["slq"]
+    grid, density = torch.tensor(s["grid"]), torch.tensor(s["density"])
+    assert grid[0] == 0 and bool((density >= 0).all())
+    assert float(torch.trapezoid(density, grid)) == pytest.approx(1.0, abs=1e-3)
+    # reflection at 0: nodes far from 0 give the plain Gaussian mixture; a node at 0 twice it
+    nodes, weights = torch.tensor([0.0, 5.0]), torch.tensor([0.5, 0.5])
+    grid, phi, sigma = _psd_density(nodes, weights, num_points=2001)
+    _, plain = gaussian_density(nodes, weights, grid=grid, sigma=sigma)
+    assert sigma == pytest.approx(0.05)
+    far = grid > 1.0
+    assert torch.allclose(phi[far], plain[far], rtol=1e-12, atol=1e-12 * float(plain.max()))
+    assert float(phi[0]) == pytest.approx(2 * float(plain[0]), rel=1e-12)
+    assert float(torch.trapezoid(phi, grid)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_spectra_table_counts_eigenvalues_above_the_floor(cli_report, saved):
+    _, model, state = saved
+    rep = fm.KFACFisher.from_state_dict(state, model)
+    result = json.loads((cli_report / "report.json").read_text())
+    floor = SPECTRUM_FLOOR * result["model"]["max_eigenvalue"]
+    for row in result["spectra"]:
+        s_a, s_g = rep.factor_eigenvalues(row["layer"])
+        dense = torch.outer(s_a, s_g).reshape(-1)  # eigenvalues of A (x) G (Van Loan 2000)
+        assert row["above_floor"] == int((dense >= floor).sum())
+        top = torch.sort(dense, descending=True).values[:5]
+        assert row["top_eigenvalues"] == pytest.approx(top.tolist(), rel=1e-12)
+
+
+def test_html_escapes_text():
+    from fisher_metrics.reporting import _html
+
+    page = _html([("h2", "a <b> & 'c'"), ("table", ["x<y"], [["<script>"]])], {}, set())
+    assert "&lt;b&gt; &amp; &#x27;c&#x27;" in page and "&lt;script&gt;" in page
+    assert "<script>" not in page
+
+
+def test_report_html_renders_in_headless_chromium(cli_report, tmp_path):
+    """What a reader sees: tables, headings, no Markdown syntax, every image loaded."""
+    executable = find_browser()
+    if executable is None:
+        pytest.skip("no Chromium executable (apt-get install chromium, or set $CHROMIUM)")
+    with Browser(executable) as browser:
+        browser.open(cli_report / "report.html")
+        text = browser.evaluate("document.body.innerText")
+        tables = browser.evaluate("document.querySelectorAll('table').length")
+        cells = browser.evaluate("document.querySelectorAll('table td').length")
+        headings = browser.evaluate(
+            "[...document.querySelectorAll('h1, h2')].map(h => h.innerText)")
+        images = browser.evaluate(
+            "[...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
+        )
+        shot = browser.screenshot(tmp_path / "report.png")
+    assert tables == 4 and cells > 50  # layers, whole model, Hessian vs GGN, spectra
+    assert headings[0] == "Curvature report" and "Layers" in headings and "Warnings" in headings
+    assert "Whole model (K-FAC, block-diagonal)" in headings
+    for markdown in ("```", "|---", "`", "## ", "**"):
+        assert markdown not in text
+    assert "lm_head" in text and "skipped by design" in text
+    assert len(images) == len(PLOT_FILES)
+    assert all(done and width > 0 and height > 0 for done, width, height in images)
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
 def test_reporting_module_and_report_function():
