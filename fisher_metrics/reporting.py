@@ -933,9 +933,10 @@ def write_report(result: dict[str, Any], out: str | Path, rep: KFACFisher) -> li
         ImportError: matplotlib (the ``report`` extra) is missing; nothing is written.
     """
     _check_out(out)
+    _figure()  # first: without matplotlib nothing is computed or written
     spectra = _spectra_rows(result, rep)
     full = {**result, "spectra": spectra}
-    plots = _plots(full)  # first: without matplotlib nothing is written
+    plots = _plots(full)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     doc = _document(full, plots)
