@@ -586,13 +586,15 @@ def _document(result: dict[str, Any], plots: Mapping[str, str]) -> list[tuple]:
 
     doc.append(("h2", "Layers"))
     columns = [*TABLE_COLUMNS[:-1], "flags"]
-    doc.append(("table", columns, [[_cell(row, c) for c in columns] for row in result["table"]]))
+    headers = [c if c.startswith("cond_") else c.replace("_", " ") for c in columns]
+    doc.append(("table", headers, [[_cell(row, c) for c in columns] for row in result["table"]]))
     doc.append(("p", (
         "condition_number: of A (x) G over the eigenvalues above n eps (float64) times the "
         "largest; cond_A, cond_G: of each factor, 'singular (rank r of d)' when some "
         f"eigenvalue is at or below d eps (float32, {FACTOR_EPS:.2g}) times the largest. "
         f"Layers above {meta['cond_warn_relative']:g} x the model's median condition number "
-        f"({_fmt(meta['median_condition_number'])}) are flagged ill-conditioned."
+        f"({_fmt(meta['median_condition_number'])}) are flagged ill-conditioned (their rows "
+        "shaded in the HTML page)."
     )))
     warned = [f"{row['layer']}: {w}" for row in result["table"] for w in row["warnings"]]
     doc += [("h2", "Warnings"), ("ul", warned or ["none"])]
@@ -672,10 +674,11 @@ def _markdown(doc: list[tuple]) -> str:
 
 
 HTML_STYLE = (
-    "body{font-family:sans-serif;margin:2em;max-width:1200px;color:#222}"
-    "table{border-collapse:collapse;font-size:12px;margin:0.5em 0}"
+    "body{font-family:sans-serif;margin:1.5em;max-width:1400px;color:#222}"
+    ".scroll{overflow-x:auto}table{border-collapse:collapse;font-size:12px;margin:0.5em 0}"
     "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f0f0f0}"
-    "td:first-child{text-align:left}tr.warn{background:#fff4e0}"
+    "td:first-child,td:last-child,th:first-child,th:last-child{text-align:left}"
+    "tr.warn{background:#fff4e0}"
     "figure{margin:1em 0}img{max-width:100%}figcaption{font-size:12px;color:#555}"
 )
 
@@ -699,8 +702,9 @@ def _html(doc: list[tuple], images: Mapping[str, bytes], warn_rows: set[int]) ->
             for i, r in enumerate(rows):
                 style = ' class="warn"' if tables == 0 and i in warn_rows else ""
                 body.append(f"<tr{style}>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>")
-            parts.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head)
-                         + "</tr></thead><tbody>" + "".join(body) + "</tbody></table>")
+            parts.append("<div class='scroll'><table><thead><tr>"
+                         + "".join(f"<th>{esc(h)}</th>" for h in head)
+                         + "</tr></thead><tbody>" + "".join(body) + "</tbody></table></div>")
             tables += 1
         elif kind == "img":
             data = base64.b64encode(images[block[1]]).decode("ascii")

@@ -121,7 +121,7 @@ def test_cli_writes_report(cli_report):
     assert "<pre>" not in html and "```" not in html and "|---" not in html and "`" not in html
     assert "never saw" not in html
     markdown = (out / "report.md").read_text()
-    assert "| layer | type | shape |" in markdown and "## Warnings" in markdown
+    assert "| layer | type | shape | num params |" in markdown and "## Warnings" in markdown
     for name in PLOT_FILES.values():  # report.md shows the PNG files written beside it
         assert f"]({name})" in markdown and (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "skipped by design" in markdown and "never saw" not in markdown
@@ -332,8 +332,11 @@ def test_report_html_renders_in_headless_chromium(cli_report, tmp_path):
         images = browser.evaluate(
             "[...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
         )
+        overflow = browser.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth")
         shot = browser.screenshot(tmp_path / "report.png")
     assert tables == 4 and cells > 50  # layers, whole model, Hessian vs GGN, spectra
+    assert overflow <= 0  # the page fits the 1280 px window: no sideways scrolling
     assert headings[0] == "Curvature report" and "Layers" in headings and "Warnings" in headings
     assert "Whole model (K-FAC, block-diagonal)" in headings
     for markdown in ("```", "|---", "`", "## ", "**"):
