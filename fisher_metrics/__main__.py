@@ -1,18 +1,8 @@
 """Command line: ``python -m fisher_metrics report --model PATH [--data ...] --out DIR``.
 
-``PATH`` is either
-
-- a ``save_pretrained`` directory of a Hugging Face causal LM, with the K-FAC
-  state (``torch.save(pre.state_dict())``) given by ``--kfac-state FILE`` or found
-  as ``kfac_state.pt`` / ``kfac_preconditioner.pt`` in it or next to it; or
-- an output directory of ``python -m kfac_optim.demo`` (it holds
-  ``kfac_model/`` and ``kfac_preconditioner.pt``).
-
-``--data`` is ``pydoc`` (default: the demo corpus, byte-level, or in the vocabulary of
-the ``tokenizer.json`` saved with the model, as ``--vocab bpe`` demo runs save it), a UTF-8 text
-file (byte-level ids), or a ``.pt`` file holding a ``(B, S)`` integer tensor of
-token ids. The report (``report.json``, ``report.md``, ``report.html``) goes to
-``--out``; see :func:`fisher_metrics.reporting.report`.
+What ``PATH``, ``--data`` and ``--out`` accept and what is written: :data:`REPORT_DESCRIPTION`
+(the plain-text ``report --help`` description); the report itself:
+:func:`fisher_metrics.reporting.report`.
 """
 
 from __future__ import annotations
