@@ -729,14 +729,17 @@ def _spectra_rows(result: dict[str, Any], rep: KFACFisher) -> list[dict[str, Any
     rows = []
     for row in result["table"]:
         values = rep.eigenvalues(row["layer"])
-        kept = values[values >= floor]
+        count = int((values >= floor).sum()) if floor > 0 else int((values > 0).sum())
+        index = torch.zeros(0, dtype=torch.long)
+        if count:  # MAX_PLOTTED log-spaced indices keep the plot (and memory) small
+            index = torch.unique(torch.logspace(0, math.log10(count), MAX_PLOTTED).long()) - 1
         rows.append({
             "layer": row["layer"],
             "top_eigenvalues": values[:TOP_LISTED].tolist(),
             "exact_top_eigenvalue": row["exact_top_eigenvalue"],
-            "above_floor": kept.numel(),
+            "above_floor": count,
             "num_params": row["num_params"],
-            "_drawn": kept,
+            "_drawn": ((index + 1).tolist(), values[index].tolist()),
         })
     return rows
 
@@ -749,13 +752,11 @@ def _plots(result: dict[str, Any]) -> dict[str, bytes]:
     ax = fig.subplots()
     top = float(result["model"]["max_eigenvalue"])
     for row in result["spectra"]:
-        values = row["_drawn"]
-        if values.numel() == 0:
-            continue
-        index = torch.unique(torch.logspace(0, math.log10(values.numel()), MAX_PLOTTED).long()) - 1
-        ax.loglog((index + 1).tolist(), values[index].tolist(),
-                  label=f"{row['layer']} ({values.numel()} of {row['num_params']})")
-    ax.set_ylim(SPECTRUM_FLOOR * top, 2 * top)
+        if row["above_floor"]:
+            ax.loglog(*row["_drawn"],
+                      label=f"{row['layer']} ({row['above_floor']} of {row['num_params']})")
+    if top > 0:
+        ax.set_ylim(SPECTRUM_FLOOR * top, 2 * top)
     ax.set_xlabel("eigenvalue index (descending)")
     ax.set_ylabel("eigenvalue of A (x) G")
     ax.set_title(f"Per-layer K-FAC spectra, down to {SPECTRUM_FLOOR:g} x the largest")
