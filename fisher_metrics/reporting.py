@@ -677,10 +677,18 @@ HTML_STYLE = (
     "body{font-family:sans-serif;margin:1.5em;max-width:1400px;color:#222}"
     ".scroll{overflow-x:auto}table{border-collapse:collapse;font-size:12px;margin:0.5em 0}"
     "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f0f0f0}"
-    "td:first-child,td:last-child,th:first-child,th:last-child{text-align:left}"
+    "td.text,th.text{text-align:left}"
     "tr.warn{background:#fff4e0}"
     "figure{margin:1em 0}img{max-width:100%}figcaption{font-size:12px;color:#555}"
 )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _html(doc: list[tuple], images: Mapping[str, bytes], warn_rows: set[int]) -> str:
@@ -698,12 +706,18 @@ def _html(doc: list[tuple], images: Mapping[str, bytes], warn_rows: set[int]) ->
             parts.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in block[1]) + "</ul>")
         elif kind == "table":
             _, head, rows = block
+            # a column of numbers is right-aligned, one holding any text left-aligned
+            text = [any(c and not _is_number(c) for c in col) for col in zip(*rows, strict=True)]
+            text = text or [True] * len(head)
             body = []
             for i, r in enumerate(rows):
                 style = ' class="warn"' if tables == 0 and i in warn_rows else ""
-                body.append(f"<tr{style}>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>")
+                body.append(f"<tr{style}>" + "".join(
+                    f"<td{' class=text' if t else ''}>{esc(c)}</td>"
+                    for c, t in zip(r, text, strict=True)) + "</tr>")
             parts.append("<div class='scroll'><table><thead><tr>"
-                         + "".join(f"<th>{esc(h)}</th>" for h in head)
+                         + "".join(f"<th{' class=text' if t else ''}>{esc(h)}</th>"
+                                   for h, t in zip(head, text, strict=True))
                          + "</tr></thead><tbody>" + "".join(body) + "</tbody></table></div>")
             tables += 1
         elif kind == "img":
