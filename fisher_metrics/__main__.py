@@ -2,17 +2,25 @@
 
 ``PATH`` is either
 
-- a ``save_pretrained`` directory of a Hugging Face causal LM, with the K-FAC
-  state (``torch.save(pre.state_dict())``) given by ``--kfac-state FILE`` or found
-  as ``kfac_state.pt`` / ``kfac_preconditioner.pt`` in it or next to it; or
+- a ``save_pretrained`` directory of a Hugging Face model (a causal LM, or the class its
+  ``config.json`` names in ``architectures``, e.g. ``BertForSequenceClassification``),
+  with the K-FAC state (``torch.save(pre.state_dict())``) given by ``--kfac-state FILE``
+  or found as ``kfac_state.pt`` / ``kfac_preconditioner.pt`` in it or next to it; or
 - an output directory of ``python -m kfac_optim.demo`` (it holds
   ``kfac_model/`` and ``kfac_preconditioner.pt``).
+
+Without a K-FAC state the factors are fitted from ``--data`` in one pass
+(``fisher_metrics.fit_factors``: Monte-Carlo Fisher by default, ``--fisher empirical``
+for the data labels); ``--save-factors FILE`` saves them as a K-FAC state that a later
+report (``--kfac-state FILE``) or ``KFACPreconditioner.load_state_dict`` reads.
 
 ``--data`` is ``pydoc`` (default: the demo corpus, byte-level, or in the vocabulary of
 the ``tokenizer.json`` saved with the model, as ``--vocab bpe`` demo runs save it), a UTF-8 text
 file (byte-level ids), or a ``.pt`` file holding a ``(B, S)`` integer tensor of
-token ids. The report (``report.json``, ``report.md``, ``report.html``) goes to
-``--out``; see :func:`fisher_metrics.reporting.report`.
+token ids, or a dict of ``(B, ...)`` tensors with ``input_ids`` and ``labels`` (e.g.
+``(B,)`` class labels for a sequence classifier; ``attention_mask`` optional). The report
+(``report.json``, ``report.md``, ``report.html``) goes to ``--out``; see
+:func:`fisher_metrics.reporting.report`.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 STATE_FILES = ("kfac_state.pt", "kfac_preconditioner.pt")
+FISHER_TYPES = ("mc", "empirical")  # fisher_metrics.fit.FISHER_TYPES (not imported: no torch)
 DTYPES = ("float32", "float64")
 
 
@@ -41,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--model", required=True, help="save_pretrained or demo out dir")
     rep.add_argument("--kfac-state", default=None, help="torch.save of pre.state_dict()")
+    rep.add_argument("--fisher", choices=FISHER_TYPES, default="mc",
+                     help="Fisher type of factors fitted without a K-FAC state")
+    rep.add_argument("--save-factors", default=None, metavar="FILE",
+                     help="save the fitted factors (a K-FAC state) to FILE")
     rep.add_argument("--data", default="pydoc", help="'pydoc', a text file, or a .pt id tensor")
     rep.add_argument("--out", default="fisher_report", help="output directory")
     rep.add_argument("--seq-len", type=int, default=None, help="tokens per window")
@@ -59,8 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_paths(model_path: Path, state: str | None) -> tuple[Path, Path]:
-    """``(model directory, K-FAC state file)`` from ``--model`` / ``--kfac-state``."""
+def _resolve_paths(model_path: Path, state: str | None) -> tuple[Path, Path | None]:
+    """``(model directory, K-FAC state file or None: fit the factors)`` from ``--model`` /
+    ``--kfac-state``."""
     if not model_path.is_dir():
         raise ValueError(f"--model must be a directory; {str(model_path)!r} is not one")
     model_dir, search = model_path, [model_path, model_path.parent]
@@ -87,10 +101,7 @@ def _resolve_paths(model_path: Path, state: str | None) -> tuple[Path, Path]:
         for name in STATE_FILES:
             if (folder / name).is_file():
                 return model_dir, folder / name
-    raise ValueError(
-        f"no K-FAC state found ({' or '.join(STATE_FILES)} in {[str(f) for f in search]}): pass "
-        "--kfac-state FILE (a torch.save of KFACPreconditioner.state_dict())"
-    )
+    return model_dir, None
 
 
 def _load_data(spec: str, model, args: argparse.Namespace):
@@ -107,8 +118,17 @@ def _load_data(spec: str, model, args: argparse.Namespace):
         raise ValueError(f"--data must be 'pydoc', a text file or a .pt file; got {spec!r}")
     if path.suffix == ".pt":
         ids = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(ids, dict):
+            if not {"input_ids", "labels"} <= set(ids) or not all(
+                    isinstance(v, torch.Tensor) and len(v) == len(ids["input_ids"])
+                    for v in ids.values()):
+                raise ValueError("--data .pt dict must hold (B, ...) tensors with 'input_ids' "
+                                 f"and 'labels' (same B); got keys {sorted(ids)}")
+            chunks = {key: value.split(args.batch_size) for key, value in ids.items()}
+            return [dict(zip(chunks, parts, strict=True)) for parts in zip(*chunks.values())]
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
-            raise ValueError("--data .pt file must hold a (B, S) integer tensor of token ids")
+            raise ValueError("--data .pt file must hold a (B, S) integer tensor of token ids, "
+                             "or a dict with 'input_ids' and 'labels'")
         return [
             {"input_ids": chunk, "attention_mask": torch.ones_like(chunk), "labels": chunk}
             for chunk in ids.split(args.batch_size)
@@ -123,6 +143,17 @@ def _load_data(spec: str, model, args: argparse.Namespace):
     return lm_batches(corpus_tokens(path), seq_len=seq_len, **sizes)
 
 
+def _model_class(transformers, model_dir: Path):
+    """The class named first in ``config.json``'s ``architectures`` (a transformers
+    ``...For...`` model class), else ``AutoModelForCausalLM``."""
+    names = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if names and not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
+        raise ValueError(f"--model: config.json names architecture {names[0]!r}, which this "
+                         f"transformers ({transformers.__version__}) does not have")
+    return cls or transformers.AutoModelForCausalLM
+
+
 def run_report(args: argparse.Namespace) -> list:
     """Load the model, K-FAC state and data named by ``args`` and write the report."""
     model_dir, state_path = _resolve_paths(Path(args.model), args.kfac_state)
@@ -133,17 +164,31 @@ def run_report(args: argparse.Namespace) -> list:
     from .reporting import report
 
     feature = "python -m fisher_metrics report"
-    AutoModelForCausalLM = require("transformers", "hf", feature).AutoModelForCausalLM
+    transformers = require("transformers", "hf", feature)
     require("matplotlib.figure", "report", feature)
+    if args.save_factors is not None and state_path is not None:
+        raise ValueError(f"--save-factors saves fitted factors, but a K-FAC state was given or "
+                         f"found ({str(state_path)!r}): nothing is fitted")
 
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be an integer >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    model = _model_class(transformers, model_dir).from_pretrained(model_dir).eval()
     data = _load_data(args.data, model, args)
+    if state_path is None:
+        from .fit import fit_factors
+
+        print(f"no K-FAC state ({' or '.join(STATE_FILES)}) found: fitting the factors from "
+              f"--data ({args.fisher} Fisher)", file=sys.stderr)
+        state = fit_factors(model, data, fisher=args.fisher, seed=args.seed)
+        if args.save_factors is not None:
+            Path(args.save_factors).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, args.save_factors)
+            print(f"saved the fitted factors to {args.save_factors}", file=sys.stderr)
+    else:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     table = report(
         model,

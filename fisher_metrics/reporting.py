@@ -80,6 +80,12 @@ KFAC_NOTE = (
     "data. Far from a minimum the two differ (for a C-class softmax near uniform, by up to ~C), "
     "so K-FAC / exact ratios far from 1 early in training are expected."
 )
+FIT_NOTE = (
+    "K-FAC factors fitted from data at the final parameters (fisher_metrics.fit_factors): with "
+    "the Monte-Carlo Fisher an unbiased estimate of the Kronecker factors of the Fisher (= GGN "
+    "for cross-entropy / squared error), with the empirical Fisher those of the data labels' "
+    "gradients. The K-FAC / exact ratios then measure the Kronecker approximation itself."
+)
 MAX_PLOTTED = 400  # eigenvalues drawn per layer in the spectra plot
 
 
@@ -395,6 +401,7 @@ def build_report(
             ],
         }
 
+    provenance = dict(rep.provenance)  # how the factors were obtained
     meta = {
         "model": type(model).__name__,
         "num_params_model": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -406,8 +413,9 @@ def build_report(
         "seconds": time.perf_counter() - started,
         "torch": torch.__version__,
         "units": "loss per squared parameter unit (Fisher/GGN of the mean loss per row)",
-        "note": KFAC_NOTE,
+        "note": FIT_NOTE if provenance.get("source") == "fitted" else KFAC_NOTE,
         "skipped_layers": dict(rep.skipped_layers),
+        "factors": provenance,
     }
     return {
         "table": table,
@@ -445,6 +453,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _provenance(factors: Mapping[str, Any]) -> str:
+    """One sentence: how the K-FAC factors were obtained (``meta["factors"]``)."""
+    if factors.get("source") == "fitted":
+        return (f"Factors: fitted from data in one pass ({factors['fisher']} Fisher, "
+                f"{factors['num_batches']} batches, {factors['num_rows']} loss rows; "
+                "fisher_metrics.fit_factors).")
+    return f"Factors: loaded from a saved K-FAC state ({factors.get('steps', '?')} steps)."
+
+
 def _markdown(result: dict[str, Any]) -> str:
     lines = ["# Curvature report", ""]
     meta = result["meta"]
@@ -454,6 +471,7 @@ def _markdown(result: dict[str, Any]) -> str:
         f"(K-FAC state after {meta['kfac_steps']} steps). Units: {meta['units']}."
     )
     lines += ["", meta["note"]]
+    lines += ["", _provenance(meta.get("factors") or {"source": "state"})]
     if meta["skipped_layers"]:
         skipped = ", ".join(f"`{name}` ({why})" for name, why in meta["skipped_layers"].items())
         lines += ["", f"K-FAC layers without factors (not covered): {skipped}."]
