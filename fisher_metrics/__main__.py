@@ -125,7 +125,8 @@ def _load_data(spec: str, model, args: argparse.Namespace):
                 raise ValueError("--data .pt dict must hold (B, ...) tensors with 'input_ids' "
                                  f"and 'labels' (same B); got keys {sorted(ids)}")
             chunks = {key: value.split(args.batch_size) for key, value in ids.items()}
-            return [dict(zip(chunks, parts, strict=True)) for parts in zip(*chunks.values())]
+            parts = zip(*chunks.values(), strict=True)
+            return [dict(zip(chunks, part, strict=True)) for part in parts]
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
             raise ValueError("--data .pt file must hold a (B, S) integer tensor of token ids, "
                              "or a dict with 'input_ids' and 'labels'")
