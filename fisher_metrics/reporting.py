@@ -81,10 +81,10 @@ KFAC_NOTE = (
     "so K-FAC / exact ratios far from 1 early in training are expected."
 )
 FIT_NOTE = (
-    "K-FAC factors fitted from data at the final parameters (fisher_metrics.fit_factors): with "
-    "the Monte-Carlo Fisher an unbiased estimate of the Kronecker factors of the Fisher (= GGN "
-    "for cross-entropy / squared error), with the empirical Fisher those of the data labels' "
-    "gradients. The K-FAC / exact ratios then measure the Kronecker approximation itself."
+    "K-FAC factors fitted from the data at the current parameters (fisher_metrics.fit_factors): "
+    "with the Monte-Carlo Fisher, G is an unbiased estimate of the type-2 (true Fisher) G, "
+    "with the empirical Fisher it is built from the data labels' gradients. The K-FAC / exact "
+    "ratios then measure the Kronecker approximation (and the MC sampling noise)."
 )
 MAX_PLOTTED = 400  # eigenvalues drawn per layer in the spectra plot
 
