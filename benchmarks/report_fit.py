@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import time
@@ -107,6 +108,7 @@ def main() -> None:
         "report_kfac_s": report_s,
         "peak_rss_mib": rss,
         "fit_peak_over_baseline_peak": rss["fit"] / rss["baseline"],
+        "load_average": list(os.getloadavg()),
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
     }
