@@ -50,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--model", required=True, help="save_pretrained or demo out dir")
     rep.add_argument("--kfac-state", default=None, help="torch.save of pre.state_dict()")
-    rep.add_argument("--fisher", choices=FISHER_TYPES, default="mc",
-                     help="Fisher type of factors fitted without a K-FAC state")
+    rep.add_argument("--fisher", choices=FISHER_TYPES, default=None,
+                     help="Fisher type of factors fitted without a K-FAC state (default mc)")
     rep.add_argument("--save-factors", default=None, metavar="FILE",
                      help="save the fitted factors (a K-FAC state) to FILE")
     rep.add_argument("--data", default="pydoc", help="'pydoc', a text file, or a .pt id tensor")
@@ -107,10 +107,16 @@ def _resolve_paths(model_path: Path, state: str | None) -> tuple[Path, Path | No
 def _load_data(spec: str, model, args: argparse.Namespace):
     import torch
 
+    from kfac_optim.layers import is_causal_lm
+
     from .data import lm_batches
     from .reporting import default_data
 
     sizes = dict(num_sequences=args.num_sequences, batch_size=args.batch_size)
+    if not is_causal_lm(model) and not spec.endswith(".pt"):
+        raise ValueError(f"--data {spec!r} gives causal-LM text batches, but the model is a "
+                         f"{type(model).__name__}: pass --data FILE.pt holding a dict of "
+                         "'input_ids', 'labels' (and 'attention_mask') tensors")
     if spec == "pydoc":
         return default_data(model, seq_len=args.seq_len, **sizes)
     path = Path(spec)
@@ -167,9 +173,10 @@ def run_report(args: argparse.Namespace) -> list:
     feature = "python -m fisher_metrics report"
     transformers = require("transformers", "hf", feature)
     require("matplotlib.figure", "report", feature)
-    if args.save_factors is not None and state_path is not None:
-        raise ValueError(f"--save-factors saves fitted factors, but a K-FAC state was given or "
-                         f"found ({str(state_path)!r}): nothing is fitted")
+    for flag, value in (("--save-factors", args.save_factors), ("--fisher", args.fisher)):
+        if value is not None and state_path is not None:
+            raise ValueError(f"{flag} applies to fitted factors, but a K-FAC state was given or "
+                             f"found ({str(state_path)!r}): nothing is fitted")
 
     if args.threads is not None:
         if args.threads < 1:
@@ -181,9 +188,10 @@ def run_report(args: argparse.Namespace) -> list:
     if state_path is None:
         from .fit import fit_factors
 
+        fisher = args.fisher or "mc"
         print(f"no K-FAC state ({' or '.join(STATE_FILES)}) found: fitting the factors from "
-              f"--data ({args.fisher} Fisher)", file=sys.stderr)
-        state = fit_factors(model, data, fisher=args.fisher, seed=args.seed)
+              f"--data ({fisher} Fisher)", file=sys.stderr)
+        state = fit_factors(model, data, fisher=fisher, seed=args.seed)
         if args.save_factors is not None:
             Path(args.save_factors).parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, args.save_factors)

@@ -116,6 +116,19 @@ def test_mc_fit_approaches_the_type2_g_within_its_sampling_error():
                                    mlp_reference(model, batches)[layer][0])
 
 
+def test_mc_fit_of_a_squared_error_head_approaches_the_identity():
+    """0.5 ||f - y||^2 with y ~ N(f, I): g = f - y = -eps, so the last layer's type-2 G is I;
+    entry (i, j) of the mean of M R draws of eps eps^T has variance (1 + [i = j]) / (M R)."""
+    model, batches = mlp(), mlp_batches("mse", sizes=(5,))
+    draws = 200
+    state = fm.fit_factors(model, batches * draws, seed=4)  # float targets: loss "mse"
+    assert state["fit"]["loss"] == "mse"
+    G = fm.KFACFisher.from_state_dict(state, model).factors("2")["G"]
+    sd = ((1 + torch.eye(3, dtype=DTYPE)) / (draws * 5)).sqrt()
+    z = (G - torch.eye(3, dtype=DTYPE)) / sd
+    assert z.abs().max() < 4.5 and 0.1 < float((z**2).mean()) < 3.0
+
+
 def test_hf_fit_equals_a_preconditioner_capture_with_padding():
     """GPT-2 with a padded position (attention_mask 0, label -100): the empirical fit equals
     KFACPreconditioner's capture of ``model(**batch).loss.backward()``."""
@@ -198,7 +211,7 @@ def test_cli_fits_factors_without_a_state_and_saves_them(build, tmp_path):
         torch.testing.assert_close(pre.layers[name].A.double(), rep.factors(name)["A"])
 
 
-def test_cli_empirical_fit_of_a_sequence_classifier(tmp_path):
+def test_cli_empirical_fit_of_a_sequence_classifier(tmp_path, capsys):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -220,6 +233,9 @@ def test_cli_empirical_fit_of_a_sequence_classifier(tmp_path):
                                          "fisher": "empirical", "num_rows": 6, "num_batches": 3}
     layers = {row["layer"]: row for row in result["table"]}
     assert "classifier" in layers and layers["classifier"]["shape"] == [3, 17]
+    with pytest.raises(SystemExit):  # text data makes causal-LM batches
+        main(["report", "--model", str(tmp_path / "bert"), "--out", str(out)])
+    assert "gives causal-LM text batches" in capsys.readouterr().err
 
 
 def test_fit_factors_refuses_bad_input():

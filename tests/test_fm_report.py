@@ -185,7 +185,10 @@ def test_bad_arguments(saved, tmp_path, capsys):
     # nothing fitted to save
     with pytest.raises(SystemExit):
         main(["report", "--model", str(root / "model"), "--save-factors", str(tmp_path / "f.pt")])
-    assert "--save-factors saves fitted factors" in capsys.readouterr().err
+    assert "--save-factors applies to fitted factors" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["report", "--model", str(root / "model"), "--fisher", "empirical"])
+    assert "--fisher applies to fitted factors" in capsys.readouterr().err
     (tmp_path / "digits").mkdir()
     (tmp_path / "digits" / "config.json").write_text(json.dumps({"kind": "mlp", "hidden": 8}))
     with pytest.raises(SystemExit):
