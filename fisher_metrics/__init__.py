@@ -20,6 +20,8 @@ Public API:
   ``FisherRepresentation`` (block-diagonal Fisher interface) and ``KFACFisher``
   (eigenvalues, trace, log-det, products, top-k from stored K-FAC factors).
 - :func:`compare_hessian_fisher`: top Hessian vs Fisher eigenvalues and ratios.
+- :func:`fit_factors`: K-FAC factors fitted from data in one pass (Monte-Carlo or
+  empirical Fisher), for a model trained without K-FAC; a K-FAC state the report reads.
 - :func:`report`: post-hoc per-layer / whole-model report (JSON, Markdown,
   HTML); also ``python -m fisher_metrics report``. The module is
   :mod:`~fisher_metrics.reporting` (``fisher_metrics.report`` is the function).
@@ -53,6 +55,7 @@ from .capacity import (
 from .compare import compare_hessian_fisher
 from .diagonal import DiagonalFisher, DiagonalFisherCollector, per_row_gradients
 from .eigenvalues import top_eigenvalues
+from .fit import fit_factors
 from .forgetting import (
     OnlineEWC,
     ewc_penalty,
@@ -124,6 +127,7 @@ __all__ = [
     "effective_rank",
     "ewc_penalty",
     "fisher_overlap",
+    "fit_factors",
     "forgetting_damage",
     "gaussian_density",
     "gqa_kv_head",

@@ -14,19 +14,26 @@ from collections.abc import Sequence
 from pathlib import Path
 
 STATE_FILES = ("kfac_state.pt", "kfac_preconditioner.pt")
+FISHER_TYPES = ("mc", "empirical")  # fisher_metrics.fit.FISHER_TYPES (not imported: no torch)
 DTYPES = ("float32", "float64")
 REPORT_DESCRIPTION = """\
-Post-hoc curvature report of a K-FAC-trained Hugging Face causal LM: per-layer K-FAC
-metrics from the stored factors plus exact Lanczos checks on a small data set.
+Post-hoc curvature report of a Hugging Face model: per-layer K-FAC metrics from its
+K-FAC factors plus exact Lanczos checks on a small data set.
 
---model is either a save_pretrained directory, with the K-FAC state (a torch.save of
-KFACPreconditioner.state_dict()) given by --kfac-state or found as kfac_state.pt or
-kfac_preconditioner.pt in it or next to it, or an output directory of
-python -m kfac_optim.demo (it holds kfac_model/ and kfac_preconditioner.pt).
+--model is either a save_pretrained directory (a causal LM, or the class its config.json
+names in architectures, e.g. BertForSequenceClassification), or an output directory of
+python -m kfac_optim.demo (it holds kfac_model/ and kfac_preconditioner.pt). The K-FAC
+state (a torch.save of KFACPreconditioner.state_dict()) is given by --kfac-state or found
+as kfac_state.pt or kfac_preconditioner.pt in it or next to it. Without one, the factors
+are fitted from --data in one pass (fisher_metrics.fit_factors: Monte-Carlo Fisher by
+default, --fisher empirical for the data labels), and --save-factors FILE saves them as a
+K-FAC state that a later report (--kfac-state FILE) reads.
 
 --data is 'pydoc' (the demo corpus: byte-level ids, or the vocabulary of the
 tokenizer.json saved with the model), a UTF-8 text file (byte-level ids), or a .pt file
-holding a (B, S) integer tensor of token ids.
+holding a (B, S) integer tensor of token ids, or a dict of (B, ...) tensors with
+input_ids and labels (e.g. (B,) class labels for a sequence classifier; attention_mask
+optional).
 
 Written to --out: report.json, report.md, report.html (self-contained: plots embedded)
 and the plots as PNG files (spectra.png, slq.png, bars.png) that report.md links.
@@ -60,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="save_pretrained directory or kfac_optim.demo output directory")
     rep.add_argument("--kfac-state", default=None, help="torch.save of KFACPreconditioner."
                      "state_dict() (default: kfac_state.pt or kfac_preconditioner.pt by --model)")
+    rep.add_argument("--fisher", choices=FISHER_TYPES, default=None,
+                     help="Fisher type of factors fitted without a K-FAC state (default mc)")
+    rep.add_argument("--save-factors", default=None, metavar="FILE",
+                     help="save the fitted factors (a K-FAC state) to FILE")
     rep.add_argument("--data", default="pydoc", help="'pydoc', a text file, or a .pt id tensor")
     rep.add_argument("--out", default="fisher_report", help="output directory")
     rep.add_argument("--seq-len", type=int, default=None,
@@ -81,8 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_paths(model_path: Path, state: str | None) -> tuple[Path, Path]:
-    """``(model directory, K-FAC state file)`` from ``--model`` / ``--kfac-state``."""
+def _resolve_paths(model_path: Path, state: str | None) -> tuple[Path, Path | None]:
+    """``(model directory, K-FAC state file or None: fit the factors)`` from ``--model`` /
+    ``--kfac-state``."""
     if not model_path.is_dir():
         raise ValueError(f"--model must be a directory; {str(model_path)!r} is not one")
     model_dir, search = model_path, [model_path, model_path.parent]
@@ -109,19 +121,22 @@ def _resolve_paths(model_path: Path, state: str | None) -> tuple[Path, Path]:
         for name in STATE_FILES:
             if (folder / name).is_file():
                 return model_dir, folder / name
-    raise ValueError(
-        f"no K-FAC state found ({' or '.join(STATE_FILES)} in {[str(f) for f in search]}): pass "
-        "--kfac-state FILE (a torch.save of KFACPreconditioner.state_dict())"
-    )
+    return model_dir, None
 
 
 def _load_data(spec: str, model, args: argparse.Namespace):
     import torch
 
+    from kfac_optim.layers import is_causal_lm
+
     from .data import lm_batches
     from .reporting import default_data
 
     sizes = dict(num_sequences=args.num_sequences, batch_size=args.batch_size)
+    if not is_causal_lm(model) and not spec.endswith(".pt"):
+        raise ValueError(f"--data {spec!r} gives causal-LM text batches, but the model is a "
+                         f"{type(model).__name__}: pass --data FILE.pt holding a dict of "
+                         "'input_ids', 'labels' (and 'attention_mask') tensors")
     if spec == "pydoc":
         return default_data(model, seq_len=args.seq_len, **sizes)
     path = Path(spec)
@@ -129,8 +144,18 @@ def _load_data(spec: str, model, args: argparse.Namespace):
         raise ValueError(f"--data must be 'pydoc', a text file or a .pt file; got {spec!r}")
     if path.suffix == ".pt":
         ids = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(ids, dict):
+            if not {"input_ids", "labels"} <= set(ids) or not all(
+                    isinstance(v, torch.Tensor) and len(v) == len(ids["input_ids"])
+                    for v in ids.values()):
+                raise ValueError("--data .pt dict must hold (B, ...) tensors with 'input_ids' "
+                                 f"and 'labels' (same B); got keys {sorted(ids)}")
+            chunks = {key: value.split(args.batch_size) for key, value in ids.items()}
+            parts = zip(*chunks.values(), strict=True)
+            return [dict(zip(chunks, part, strict=True)) for part in parts]
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
-            raise ValueError("--data .pt file must hold a (B, S) integer tensor of token ids")
+            raise ValueError("--data .pt file must hold a (B, S) integer tensor of token ids, "
+                             "or a dict with 'input_ids' and 'labels'")
         return [
             {"input_ids": chunk, "attention_mask": torch.ones_like(chunk), "labels": chunk}
             for chunk in ids.split(args.batch_size)
@@ -145,6 +170,17 @@ def _load_data(spec: str, model, args: argparse.Namespace):
     return lm_batches(corpus_tokens(path), seq_len=seq_len, **sizes)
 
 
+def _model_class(transformers, model_dir: Path):
+    """The class named first in ``config.json``'s ``architectures`` (a transformers
+    ``...For...`` model class), else ``AutoModelForCausalLM``."""
+    names = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if names and not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
+        raise ValueError(f"--model: config.json names architecture {names[0]!r}, which this "
+                         f"transformers ({transformers.__version__}) does not have")
+    return cls or transformers.AutoModelForCausalLM
+
+
 def run_report(args: argparse.Namespace) -> list:
     """Load the model, K-FAC state and data named by ``args`` and write the report."""
     model_dir, state_path = _resolve_paths(Path(args.model), args.kfac_state)
@@ -155,17 +191,33 @@ def run_report(args: argparse.Namespace) -> list:
     from .reporting import report
 
     feature = "python -m fisher_metrics report"
-    AutoModelForCausalLM = require("transformers", "hf", feature).AutoModelForCausalLM
+    transformers = require("transformers", "hf", feature)
     require("matplotlib.figure", "report", feature)
+    for flag, value in (("--save-factors", args.save_factors), ("--fisher", args.fisher)):
+        if value is not None and state_path is not None:
+            raise ValueError(f"{flag} applies to fitted factors, but a K-FAC state was given or "
+                             f"found ({str(state_path)!r}): nothing is fitted")
 
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be an integer >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    model = _model_class(transformers, model_dir).from_pretrained(model_dir).eval()
     data = _load_data(args.data, model, args)
+    if state_path is None:
+        from .fit import fit_factors
+
+        fisher = args.fisher or "mc"
+        print(f"no K-FAC state ({' or '.join(STATE_FILES)}) found: fitting the factors from "
+              f"--data ({fisher} Fisher)", file=sys.stderr)
+        state = fit_factors(model, data, fisher=fisher, seed=args.seed)
+        if args.save_factors is not None:
+            Path(args.save_factors).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, args.save_factors)
+            print(f"saved the fitted factors to {args.save_factors}", file=sys.stderr)
+    else:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     table = report(
         model,

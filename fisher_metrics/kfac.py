@@ -159,6 +159,9 @@ class KFACFisher(FisherRepresentation):
         param_names: all covered parameters, ``named_parameters()`` order.
         param_shapes: ``{name: shape}``.
         steps: the preconditioner's step count.
+        provenance: how the factors were obtained: the ``"fit"`` entry of a state from
+            :func:`fisher_metrics.fit_factors` (``{"source": "fitted", "fisher", ...}``),
+            else ``{"source": "state", "steps": steps}`` (a saved K-FAC state).
         skipped_layers: ``{layer: reason}`` for state layers without factors, not covered:
             skipped by design (a position table, left to the base update by ``kfac_optim``;
             the reason begins with :data:`BY_DESIGN`), not read (the q, k, v blocks of an
@@ -195,6 +198,9 @@ class KFACFisher(FisherRepresentation):
             name: canonical[id(p)] for name, p in model.named_parameters(remove_duplicate=False)
         }
         self.steps = int(state.get("steps", 0))
+        fit = state.get("fit")
+        self.provenance = (dict(fit) if isinstance(fit, Mapping) else
+                           {"source": "state", "steps": self.steps})
         self._layers: dict[str, _Layer] = {}
         owner: dict[str, str] = {}
         self.skipped_layers: dict[str, str] = {}

@@ -94,6 +94,12 @@ KFAC_NOTE = (
     "data. Far from a minimum the two differ (for a C-class softmax near uniform, by up to ~C), "
     "so K-FAC / exact ratios far from 1 early in training are expected."
 )
+FIT_NOTE = (
+    "K-FAC factors fitted from the data at the current parameters (fisher_metrics.fit_factors): "
+    "with the Monte-Carlo Fisher, G is an unbiased estimate of the type-2 (true Fisher) G, "
+    "with the empirical Fisher it is built from the data labels' gradients. The K-FAC / exact "
+    "ratios then measure the Kronecker approximation (and the MC sampling noise)."
+)
 MAX_PLOTTED = 400  # eigenvalues drawn per layer in the spectra plot
 SPECTRUM_FLOOR = 1e-6  # spectra plot: eigenvalues below this x the model's largest are not drawn
 DENSITY_FLOOR = 1e-6  # SLQ plot: density below this x its peak is not drawn
@@ -501,6 +507,7 @@ def build_report(
             ],
         }
 
+    provenance = dict(rep.provenance)  # how the factors were obtained
     meta = {
         "model": type(model).__name__,
         "num_params_model": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -512,12 +519,13 @@ def build_report(
         "seconds": time.perf_counter() - started,
         "torch": torch.__version__,
         "units": "loss per squared parameter unit (Fisher/GGN of the mean loss per row)",
-        "note": KFAC_NOTE,
+        "note": FIT_NOTE if provenance.get("source") == "fitted" else KFAC_NOTE,
         "skipped_layers": dict(rep.skipped_layers),
         "uncovered_modules": _uncovered_modules(model, rep),
         "median_condition_number": median_cond,
         "cond_warn_relative": cond_warn_relative,
         "cond_warn": cond_warn,
+        "factors": provenance,
     }
     return {
         "table": table,
@@ -555,6 +563,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _provenance(factors: Mapping[str, Any]) -> str:
+    """One sentence: how the K-FAC factors were obtained (``meta["factors"]``)."""
+    if factors.get("source") == "fitted":
+        return (f"Factors: fitted from data in one pass ({factors['fisher']} Fisher, "
+                f"{factors['num_batches']} batches, {factors['num_rows']} loss rows; "
+                "fisher_metrics.fit_factors).")
+    return f"Factors: loaded from a saved K-FAC state ({factors.get('steps', '?')} steps)."
+
+
 def _cell(row: dict[str, Any], column: str) -> str:
     if column in ("cond_A", "cond_G"):
         return _cond_cell(row, column[-1])
@@ -572,8 +589,9 @@ def _document(result: dict[str, Any], plots: Mapping[str, str]) -> list[tuple]:
     doc: list[tuple] = [("h1", "Curvature report")]
     doc.append(("p", (
         f"Model {meta['model']}: {meta['num_params_model']} trainable parameters, "
-        f"{meta['num_params_kfac']} in {m['num_layers']} K-FAC layers (K-FAC state after "
-        f"{meta['kfac_steps']} steps). Units: {meta['units']}."
+        f"{meta['num_params_kfac']} in {m['num_layers']} K-FAC layers. "
+        f"{_provenance(meta.get('factors') or {'source': 'state', 'steps': meta['kfac_steps']})}"
+        f" Units: {meta['units']}."
     )))
     doc.append(("p", meta["note"]))
     by_design = {k: v for k, v in meta["skipped_layers"].items() if v.startswith(BY_DESIGN)}

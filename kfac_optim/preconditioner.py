@@ -323,6 +323,24 @@ class KFACPreconditioner:
             self._write_clipped(results, settings)
         self.steps += 1
 
+    @torch.no_grad()
+    def update_factors(self) -> list[str]:
+        """Fold the statistics captured since the last factor update into the running
+        factors, and nothing else: no inverse, no gradient or parameter touched, ``steps``
+        unchanged. For fitting factors from data (``fisher_metrics.fit_factors``): every
+        forward/backward captured before this call enters one update, weighted by its rows.
+
+        Returns:
+            The names of the layers whose factors were updated.
+
+        Raises:
+            RuntimeError: with several ranks, as for :meth:`step` (ranks out of step).
+        """
+        self._placement.reduce_statistics(self._layers, self.steps)
+        before = {name: layer.a.updates for name, layer in self._layers.items()}
+        self._update_factors()
+        return [name for name, layer in self._layers.items() if layer.a.updates > before[name]]
+
     def _check_hooked(self) -> None:
         """Refuse layers whose weight has a gradient but whose forward never ran through the
         module while other layers' did (the model used the weight directly, e.g.

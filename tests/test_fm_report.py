@@ -208,11 +208,14 @@ def test_bad_arguments(saved, tmp_path, capsys):
         with pytest.raises(SystemExit) as err:
             main(argv)
         assert err.value.code == 2 and message in capsys.readouterr().err
-    bare = tmp_path / "bare"
-    model.save_pretrained(bare)
+    # without a state the CLI fits the factors (tests/test_fm_fit.py); with one, there is
+    # nothing fitted to save
     with pytest.raises(SystemExit):
-        main(["report", "--model", str(bare), "--out", str(tmp_path / "o")])
-    assert "no K-FAC state found" in capsys.readouterr().err
+        main(["report", "--model", str(root / "model"), "--save-factors", str(tmp_path / "f.pt")])
+    assert "--save-factors applies to fitted factors" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["report", "--model", str(root / "model"), "--fisher", "empirical"])
+    assert "--fisher applies to fitted factors" in capsys.readouterr().err
     (tmp_path / "digits").mkdir()
     (tmp_path / "digits" / "config.json").write_text(json.dumps({"kind": "mlp", "hidden": 8}))
     with pytest.raises(SystemExit):
