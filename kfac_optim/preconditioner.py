@@ -253,7 +253,8 @@ class KFACPreconditioner:
     @property
     def capturing(self) -> bool:
         """Whether this step's forward/backward passes feed the factors."""
-        return self.capture_enabled and self.steps % self.options.factor_update_steps == 0
+        return (self.capture_enabled
+                and self.steps % self.options.at("factor_update_steps", self.steps) == 0)
 
     @property
     def loss_divisor_ranks(self) -> int:
@@ -300,18 +301,19 @@ class KFACPreconditioner:
                 gradient but its module's forward never ran (the weight is used directly);
                 nothing is changed.
         """
-        self.last_step = settings = StepSettings.resolve(self.options, lr, damping, kl_clip)
+        self.last_step = settings = StepSettings.resolve(self.options, lr, damping, kl_clip,
+                                                         step=self.steps)
         self._check_hooked()
         if self.capturing:
             self._placement.reduce_statistics(self._layers, self.steps)
-        counts = self._update_factors()
+        counts = self._update_factors(settings.factor_decay)
         # on schedule every layer; otherwise the layers with factors and no inverse yet (no
         # cold start: a layer first seen off schedule is preconditioned from then on)
-        due = self.steps % self.options.inv_update_steps == 0
+        due = self.steps % settings.inv_update_steps == 0
         cold = [la for la in self._layers.values() if la.inverse is None and la.has_factors]
         if due or cold:
             self._update_inverses(None if due else cold)
-        self._update_eigenvalue_corrections(counts)
+        self._update_eigenvalue_corrections(counts, settings.factor_decay)
         with self._whole_parameters(with_grads=True):
             stale = [la.name for la in self._layers.values() if la.has_grad_written()]
             if stale and not self._warned_stale:
@@ -344,9 +346,9 @@ class KFACPreconditioner:
                 "so they are never captured; add them to skip_layers to leave them to the base "
                 "update")
 
-    def _update_factors(self) -> dict[str, Tensor]:
-        """Fold pending statistics into the running factors; returns each updated layer's
-        loss-term count N (EKFAC normalises with it)."""
+    def _update_factors(self, decay: float) -> dict[str, Tensor]:
+        """Fold pending statistics into the running factors with EMA ``decay``; returns each
+        updated layer's loss-term count N (EKFAC normalises with it)."""
         updates, counts = [], {}
         for name, layer in self._layers.items():
             if layer.g.pending:
@@ -359,7 +361,6 @@ class KFACPreconditioner:
             return counts
         finite = self._placement.lowrank.agree(torch.stack(
             [torch.isfinite(a).all() & torch.isfinite(g).all() for _, a, g in updates]))
-        decay = self.options.factor_decay
         for (layer, a, g), ok in zip(updates, finite.tolist(), strict=True):
             if not ok:
                 layer.nonfinite_skips += 1
@@ -396,7 +397,7 @@ class KFACPreconditioner:
             self._placement.lowrank.gather_rows(layer)
             layer.densify()
 
-    def _update_eigenvalue_corrections(self, counts: dict[str, Tensor]) -> None:
+    def _update_eigenvalue_corrections(self, counts: dict[str, Tensor], decay: float) -> None:
         """EKFAC: this update's second moments in the current eigenbasis, summed over loss
         terms (rows, or samples of a weight-shared layer: ``eigenbasis_second_moments``) and
         ranks and divided by N, folded into the inverse's corrected eigenvalues."""
@@ -416,7 +417,7 @@ class KFACPreconditioner:
             moments = self._placement.reduce_moments(moments)  # counts[name]: the global N
             moments = moments / counts[name].clamp(min=1)
             if bool(torch.isfinite(moments).all()):
-                layer.inverse.update_corrections(moments, self.options.factor_decay)
+                layer.inverse.update_corrections(moments, decay)
 
     def update_inverses(self) -> None:
         """Recompute every layer's inverse from its current factors now, outside the

@@ -49,10 +49,13 @@ RANK_LOCAL_OPTIONS = ("process_group", "grad_scaler", "inv_device", "woodbury_st
                       "woodbury_store_threshold_bytes")
 
 
-def fingerprint(options: Any, layers: dict[str, KFACLayer]) -> dict[str, str]:
+def fingerprint(options: Any, layers: dict[str, KFACLayer], step: int = 0) -> dict[str, str]:
     """What every rank must agree on: each option that affects the collectives or the
-    mathematics (all but ``RANK_LOCAL_OPTIONS``), and the layers' names, kinds and shapes."""
-    out = {f.name: repr(getattr(options, f.name)) for f in fields(options)
+    mathematics (all but ``RANK_LOCAL_OPTIONS``), and the layers' names, kinds and shapes.
+    A schedule (``factor_decay``, ``factor_update_steps``, ``inv_update_steps`` given as a
+    callable) counts by its value at ``step`` (``KFACOptions.at``), not by the callable,
+    whose repr differs between processes."""
+    out = {f.name: repr(options.at(f.name, step)) for f in fields(options)
            if f.name not in RANK_LOCAL_OPTIONS}
     out["layers"] = repr([(name, la.capture.kind, la.capture.out_features,
                            la.capture.in_features) for name, la in layers.items()])
@@ -95,7 +98,8 @@ class Replicate:
         at construction (``all_gather_object``, collective): ranks that disagree would
         silently train different models or fail inside a collective with a size mismatch.
         Per-step values (``step(lr=, damping=, kl_clip=)``, a ``KFAC`` optimizer's param
-        groups) are not checked.
+        groups) are not checked; a schedule is compared by its value at step 0
+        (``fingerprint``): it must be the same function of the step on every rank.
 
         Raises:
             ValueError: on every rank, naming each option (or ``layers``) that differs and
