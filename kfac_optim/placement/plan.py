@@ -27,6 +27,7 @@ from ..capture import accumulation_dtype
 from ..distributed import (
     CommStats,
     all_reduce_counts,
+    all_reduce_sum,
     all_reduce_symmetric,
     assign_greedy,
     broadcast_from_owners,
@@ -224,6 +225,19 @@ class Replicate:
                                        stats=self.stats)
         return flat.reshape(moments.shape)
 
+    def mean_over_ranks(self, value: Tensor) -> Tensor:
+        """The mean over ranks of a rank-local value (a closure's loss on this rank's
+        batch), the same on every rank (collective with a group)."""
+        if self.group is None:
+            return value
+        return all_reduce_sum(value, self.group, kind="damping_adaptation",
+                              stats=self.stats) / self.world
+
+    def sum_over_owners(self, value: Tensor) -> Tensor:
+        """A sum over layers that each rank computed over the layers it holds
+        (``owns``), made whole on every rank: here every rank holds every layer."""
+        return value
+
     # Inverses ------------------------------------------------------------------
     def compute_inverses(self, layers: list[KFACLayer]) -> dict[str, Inverse | None]:
         """The new inverse of every layer in ``layers`` (None where a solver failed)."""
@@ -302,6 +316,10 @@ class Owner(Replicate):
     @property
     def owners(self) -> dict[str, int] | None:
         return dict(self._owners)
+
+    def sum_over_owners(self, value: Tensor) -> Tensor:
+        """Each rank summed its own layers: all-reduced (collective)."""
+        return all_reduce_sum(value, self.group, kind="damping_adaptation", stats=self.stats)
 
     def precondition(self, layers: dict[str, KFACLayer], damping: float) -> Results:
         """Each layer's owner preconditions its gradient, then broadcasts it.
