@@ -17,10 +17,12 @@ terms only) and ``lambda`` the damping the step used. Then, with ``omega = (19/2
     rho < 1/4:  lambda <- lambda / omega    (the model is poor: damp more)
 
 and ``lambda`` is clamped into ``[damping_min, damping_max]``. Undefined ratios are handled
-so that nothing non-finite reaches the damping: a non-finite ``h(theta + delta)`` counts as
-``rho = -inf`` (damp more); a model value ``M(delta) >= 0`` or non-finite (the step is not
-predicted to decrease the loss, e.g. a zero step) gives ``rho = nan`` and leaves ``lambda``
-unchanged. See docs/design.md, "Damping and schedules".
+so that nothing non-finite reaches the damping: a non-finite ``h(theta + delta)``, and a
+model value ``M(delta) > 0`` (the damped model itself predicts that the step taken
+increases the loss: too long a step for the damping, as with a stale inverse at a small
+lambda), count as ``rho = -inf`` (damp more); ``M(delta) = 0`` (a zero step) or a
+non-finite model value gives ``rho = nan`` and leaves ``lambda`` unchanged. See
+docs/design.md, "Damping and schedules".
 """
 
 from __future__ import annotations
@@ -91,11 +93,12 @@ class LevenbergMarquardt:
     @staticmethod
     def ratio(loss_before: float, loss_after: float, model: float) -> float:
         """``rho = (h(theta + delta) - h(theta)) / M(delta)``; ``-inf`` for a non-finite
-        ``loss_after``, ``nan`` when ``M(delta)`` is not a finite negative number."""
-        if not math.isfinite(loss_after):
-            return -math.inf
-        if not (math.isfinite(model) and model < 0 and math.isfinite(loss_before)):
+        ``loss_after`` or ``M(delta) > 0``, ``nan`` for ``M(delta) = 0`` or a non-finite
+        ``M(delta)`` or ``loss_before`` (module docstring)."""
+        if not (math.isfinite(model) and math.isfinite(loss_before)) or model == 0:
             return math.nan
+        if not math.isfinite(loss_after) or model > 0:
+            return -math.inf
         return (loss_after - loss_before) / model
 
     def adjust(self, damping: float, rho: float) -> float:
