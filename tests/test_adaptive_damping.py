@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -313,3 +314,26 @@ def test_short_run_does_not_diverge(damping, lr):
     lm = opt.damping_adaptation
     assert lm.lowered > 0
     assert lm.damping_min <= opt.param_groups[0]["damping"] < damping
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    from tests.launch import TORCHRUN_2, launch
+
+    out = tmp_path_factory.mktemp("damping") / "results.json"
+    return launch(TORCHRUN_2, Path(__file__).with_name("damping_worker.py"), [str(out)], out)
+
+
+@pytest.mark.parametrize("placement", ["replicate", "owner"])
+def test_two_ranks_same_rho_as_single_process(two_ranks, placement):
+    """DDP, each rank half of every batch: the closure's losses are averaged over ranks, so
+    rho and the damping are the same on both ranks (exactly) and equal the single-process
+    run on the whole batch (float64 round-off: 1e-9 relative; parameters 1e-10). In owner
+    mode delta^T F delta is summed over the layers' owners."""
+    r = two_ranks[placement]
+    assert r["ranks"][0] == r["ranks"][1]
+    assert all(math.isfinite(v) for v in r["reference"]["rho"])
+    assert len(set(r["reference"]["damping"])) > 1  # the damping moved
+    assert r["max_rho_rel"] < 1e-9
+    assert r["ranks"][0]["damping"] == pytest.approx(r["reference"]["damping"], rel=1e-12)
+    assert r["max_param_diff"] < 1e-10
