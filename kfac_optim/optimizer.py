@@ -117,7 +117,9 @@ class KFAC(torch.optim.Optimizer):
             (saved in ``state_dict()``; ``preconditioner.describe()`` reports it as the
             damping used, and ``rho``). Needs ``step(closure)`` (one extra closure call at
             each adaptation step), ``loss_reduction="mean"``, no ``grad_scaler``, whole
-            parameters (single process or DDP; the losses are averaged over ranks).
+            parameters (single process or DDP; the losses are averaged over ranks). Each
+            adaptation starts from the group's current ``damping``: a scheduler writing it
+            composes with the rule (and overrides it when it writes every step).
         damping_adaptation_steps: ``T1`` >= 1 (default 5, as in the paper).
         damping_min, damping_max: the clamp range of the adapted damping, ``0 <
             damping_min <= damping <= damping_max`` (defaults 1e-6 and 10).
