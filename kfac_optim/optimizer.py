@@ -243,7 +243,8 @@ class KFAC(torch.optim.Optimizer):
         computes the loss on the step's batch, calls ``backward()`` and returns the loss);
         at an adaptation step it is called a second time after the update, with statistics
         capture off, to evaluate ``h(theta + delta)`` (``_adapt_damping``). The gradients
-        left in ``.grad`` afterwards are those of that second call.
+        left in ``.grad`` afterwards are those of that second call. An adaptation step also
+        holds a copy of the parameters and of their gradients until its end.
 
         Raises:
             RuntimeError: the groups hold parameters that are not the model's (a flat
@@ -426,7 +427,9 @@ class KFAC(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore from ``state_dict()``.
+        """Restore from ``state_dict()`` (the damping adaptation's state too, when both
+        this optimizer and the state have one; a state without it starts the rule afresh,
+        one with it loaded without ``damping_adaptation`` keeps only the groups' damping).
 
         Raises:
             ValueError: not a ``KFAC`` state (no ``"kfac"`` entry), or as

@@ -421,7 +421,7 @@ class KFACOptions:
             ValueError / TypeError: the schedule returned a refused value (``scheduled``).
         """
         value = getattr(self, name)
-        if not callable(value):
+        if name not in SCHEDULED_OPTIONS or not callable(value):
             return value
         check = next(f for f in fields(self) if f.name == name).metadata["check"]
         return scheduled(name, value, check.schedule_check, step)

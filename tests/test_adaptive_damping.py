@@ -337,3 +337,20 @@ def test_two_ranks_same_rho_as_single_process(two_ranks, placement):
     assert r["max_rho_rel"] < 1e-9
     assert r["ranks"][0]["damping"] == pytest.approx(r["reference"]["damping"], rel=1e-12)
     assert r["max_param_diff"] < 1e-10
+
+
+def test_reevaluation_feeds_no_statistics():
+    """The second closure call (h(theta + delta)) runs with capture off: nothing pending for
+    the next factor update, and the factors equal those of a run without adaptation."""
+    x, y = batch()
+    runs = []
+    for adaptation in (LM, None):
+        model = mlp()
+        opt = KFAC(model, lr=0.05, damping=1e-2, damping_adaptation=adaptation,
+                   damping_adaptation_steps=1, factor_update_steps=1)
+        opt.step(closure_for(opt, model, x, y))
+        assert not any(view.pending for view in opt.preconditioner.layers.values())
+        runs.append(opt.preconditioner.layers)
+    for name in ("0", "2"):
+        assert torch.equal(runs[0][name].A, runs[1][name].A)
+        assert torch.equal(runs[0][name].G, runs[1][name].G)
