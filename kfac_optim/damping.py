@@ -74,6 +74,11 @@ class LevenbergMarquardt:
         self.raised = 0
         self.lowered = 0
 
+    def settings(self) -> dict[str, Any]:
+        """What every rank must agree on (``KFACPreconditioner.check_ranks_agree``)."""
+        return {"damping_adaptation_steps": self.interval, "damping_min": self.damping_min,
+                "damping_max": self.damping_max}
+
     def check_start(self, damping: float) -> None:
         """Refuse a starting damping outside ``[damping_min, damping_max]``.
 

@@ -151,7 +151,9 @@ class KFAC(torch.optim.Optimizer):
 
     Raises:
         ValueError / TypeError: bad arguments, naming the argument and accepted values (an
-            unknown keyword gets the closest option names).
+            unknown keyword gets the closest option names); with several ranks, damping
+            adaptation settings that differ between ranks (naming each rank's value).
+        RuntimeError: ``damping_adaptation`` with sharded (FSDP) parameters.
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
@@ -195,8 +197,16 @@ class KFAC(torch.optim.Optimizer):
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         opts = self.preconditioner.options
-        if adaptation is not None:
-            self._check_adaptation(adaptation, opts, model)
+        try:
+            if adaptation is not None:
+                self._check_adaptation(adaptation, opts, model)
+            # every rank adapts, or none: the adaptation's all-reduces must match
+            self.preconditioner.check_ranks_agree(
+                {"damping_adaptation": damping_adaptation,
+                 **({} if adaptation is None else adaptation.settings())})
+        except (ValueError, RuntimeError):
+            self.preconditioner.remove()  # leave the model as it was
+            raise
         self.damping_adaptation = adaptation
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                         damping=opts.damping, kl_clip=opts.kl_clip, base=base,
@@ -217,7 +227,8 @@ class KFAC(torch.optim.Optimizer):
             ValueError: a starting damping outside the clamp range; ``loss_reduction="sum"``
                 (the factors are the Fisher of the mean loss: the quadratic model would need
                 N F); a ``grad_scaler`` (GradScaler.step takes no closure);
-                ``woodbury_reduction="row_sharded"``; or sharded (FSDP) parameters.
+                ``woodbury_reduction="row_sharded"``.
+            RuntimeError: sharded (FSDP) parameters.
         """
         adaptation.check_start(opts.damping)
         refused = {"loss_reduction": (opts.loss_reduction, "sum", "'mean'"),
@@ -328,9 +339,7 @@ class KFAC(torch.optim.Optimizer):
                 after = closure()
         finally:
             pre.capture_enabled = capture
-        device = pre._comm_device()
-        losses = torch.tensor([_loss_value(loss), _loss_value(after)], dtype=f64, device=device)
-        h_before, h_after = pre._placement.mean_over_ranks(losses).tolist()
+        h_before, h_after = pre.mean_over_ranks([_loss_value(loss), _loss_value(after)])
         adaptation = self.damping_adaptation
         rho = adaptation.ratio(h_before, h_after, model)
         new = adaptation.adjust(damping, rho)

@@ -510,6 +510,22 @@ class KFACPreconditioner:
         first = next(iter(self._layers.values()), None)
         return torch.device("cpu") if first is None else first.capture.weight.device
 
+    def mean_over_ranks(self, values: list[float]) -> list[float]:
+        """The mean over ranks of rank-local numbers (a closure's losses), the same on
+        every rank (one float64 all-reduce, collective with several ranks)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        return self._placement.mean_over_ranks(t).tolist()
+
+    def check_ranks_agree(self, settings: dict[str, Any]) -> None:
+        """Refuse settings (outside the options: ``KFAC``'s damping adaptation) that differ
+        between ranks (collective with several ranks; ``Replicate.check_same``).
+
+        Raises:
+            ValueError: on every rank, naming each setting that differs and every rank's
+                value.
+        """
+        self._placement.check_same({k: repr(v) for k, v in settings.items()})
+
     # Diagnostics ---------------------------------------------------------------
     def _describe(self, layer: KFACLayer) -> dict[str, Any]:
         cap, d = layer.capture, layer.diag

@@ -354,3 +354,11 @@ def test_reevaluation_feeds_no_statistics():
     for name in ("0", "2"):
         assert torch.equal(runs[0][name].A, runs[1][name].A)
         assert torch.equal(runs[0][name].G, runs[1][name].G)
+
+
+def test_refused_construction_leaves_no_hooks():
+    model = mlp()
+    with pytest.raises(ValueError, match="loss_reduction"):
+        KFAC(model, lr=0.1, damping_adaptation=LM, loss_reduction="sum")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+               for m in model.modules())

@@ -106,9 +106,18 @@ class Replicate:
             ValueError: on every rank, naming each option (or ``layers``) that differs and
                 every rank's value.
         """
+        self.check_same(fingerprint(self.options, layers))
+
+    def check_same(self, mine: dict[str, str]) -> None:
+        """Compare ``mine`` (name -> repr of a setting) across ranks (collective with a
+        group; ``check_agreement``, and ``KFAC``'s damping adaptation settings).
+
+        Raises:
+            ValueError: on every rank, naming each setting that differs and every rank's
+                value.
+        """
         if self.group is None:
             return
-        mine = fingerprint(self.options, layers)
         every: list[Any] = [None] * self.world
         dist.all_gather_object(every, mine, group=self.group)
         differ = [key for key in mine if any(fp[key] != mine[key] for fp in every)]
