@@ -340,6 +340,13 @@ def _rows_of_vectors(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+Of = Callable[[Tensor], "Tensor | None"]  # a parameter -> a tensor of its shape (or None)
+
+
+def _grad_of(p: Tensor) -> Tensor | None:
+    return p.grad
+
+
 class LayerCapture:
     """Base view of one preconditioned module; subclasses override the three views.
 
@@ -400,8 +407,8 @@ class LayerCapture:
     def output_grad_rows(self, g: Tensor) -> Tensor:
         return _rows_of_vectors(g)
 
-    def _weight_matrix_grad(self) -> Tensor:
-        return _weight_view(self.kind, _full(self.weight.grad))
+    def _weight_matrix_of(self, of: Of) -> Tensor:
+        return _weight_view(self.kind, _full(of(self.weight)))
 
     # Generic ------------------------------------------------------------------
     @property
@@ -419,37 +426,50 @@ class LayerCapture:
     def has_grad(self) -> bool:
         return self.weight.grad is not None
 
-    def _module_grad_matrix(self) -> Tensor:
-        """The whole module's gradient as ``(o_module, d [+1])``."""
-        v = self._weight_matrix_grad()
+    def _module_matrix_of(self, of: Of = _grad_of) -> Tensor:
+        """The whole module's ``of(parameter)`` tensors as ``(o_module, d [+1])``."""
+        v = self._weight_matrix_of(of)
         if tuple(v.shape) != self._module_shape:
             raise RuntimeError(
-                f"layer '{self.name}': gradient of shape {tuple(self.weight.grad.shape)}, not "
+                f"layer '{self.name}': gradient of shape {tuple(v.shape)}, not "
                 f"the whole weight's (o, d) = {self._module_shape}: a flat shard, as FSDP1 "
                 f"leaves between steps; {_FSDP1_WORKS}")
         if self.has_bias:
-            b = self._bias_grad()
+            b = self._bias_of(of)
             v = _with_bias(v, torch.zeros_like(v[:, 0]) if b is None else b)
         return v
 
-    def grad_matrix(self) -> Tensor:
-        """Gradient as ``(o, d [+1])``, bias gradient as the last column (this view's rows).
+    def matrix_of(self, of: Of) -> Tensor:
+        """This view's ``(o, d [+1])`` matrix of per-parameter tensors ``of(p)`` shaped like
+        the parameters (their gradients, a step taken, ...; None counts as zeros for the
+        bias), bias as the last column: ``weight_matrix`` for every kind, including a group's
+        rows of a grouped convolution and a block of an attention's packed weight.
 
         Raises:
-            RuntimeError: the gradient is not the whole weight's (an FSDP1 flat shard: K-FAC
+            RuntimeError: the tensor is not the whole weight's (an FSDP1 flat shard: K-FAC
                 was built before wrapping, or is stepped outside its gather).
         """
-        v = self._module_grad_matrix()
+        v = self._module_matrix_of(of)
         return v if self.rows is None else v[self.rows]
 
-    def _bias_grad(self) -> Tensor | None:
-        return None if self.bias.grad is None else _full(self.bias.grad)
+    def grad_matrix(self) -> Tensor:
+        """Gradient as ``(o, d [+1])``, bias gradient as the last column (this view's rows;
+        ``matrix_of`` of the gradients).
+
+        Raises:
+            RuntimeError: as ``matrix_of``.
+        """
+        return self.matrix_of(_grad_of)
+
+    def _bias_of(self, of: Of) -> Tensor | None:
+        b = of(self.bias)
+        return None if b is None else _full(b)
 
     def set_grad_matrix(self, v: Tensor) -> None:
         """Write a ``(o, d [+1])`` matrix back into the parameters' ``.grad`` (this view's
         rows only; the other rows keep their gradient)."""
         if self.rows is not None:
-            whole = self._module_grad_matrix().clone()
+            whole = self._module_matrix_of().clone()
             whole[self.rows] = v
             v = whole
         weight, bias = parameters_from_matrix(self.kind, v, self.weight.shape, self.has_bias)
@@ -566,8 +586,8 @@ class EmbeddingCapture(LayerCapture):
     def mask_shape(self, x: Tensor) -> torch.Size:
         return x.shape
 
-    def _weight_matrix_grad(self) -> Tensor:
-        g = _full(self.weight.grad)
+    def _weight_matrix_of(self, of: Of) -> Tensor:
+        g = _full(of(self.weight))
         if g.is_sparse:
             raise ValueError(
                 f"layer '{self.name}': sparse Embedding gradients are not supported "
@@ -664,11 +684,11 @@ class InProjectionCapture(LayerCapture):
     def has_grad(self) -> bool:
         return self.module.param.grad is not None
 
-    def _weight_matrix_grad(self) -> Tensor:
-        return _block(self.module.param.grad, self.module.rows)
+    def _weight_matrix_of(self, of: Of) -> Tensor:
+        return _block(of(self.module.param), self.module.rows)
 
-    def _bias_grad(self) -> Tensor | None:
-        return _block(self.module.attention.in_proj_bias.grad, self.module.bias_rows)
+    def _bias_of(self, of: Of) -> Tensor | None:
+        return _block(of(self.module.attention.in_proj_bias), self.module.bias_rows)
 
     def set_grad_matrix(self, v: Tensor) -> None:
         m = self.module

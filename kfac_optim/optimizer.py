@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import BASES, adam_direction, decoupled_step, graft_norms, sgd_update
+from .damping import DAMPING_ADAPTATIONS, LevenbergMarquardt
 from .options import KFACOptions, check_model, check_nonneg, options_doc, options_signature
 from .preconditioner import KFACPreconditioner
 
@@ -44,6 +45,32 @@ def _refuse_partitioned(groups: list[dict], model_params: set[int] | None = None
                     f"{_SUPPORTED_SHARDING}")
 
 
+def _refuse_sharded_for_adaptation(params: Any) -> None:
+    """Raises:
+        RuntimeError: a sharded parameter (FSDP2 DTensor, FSDP1 flat view): the step and
+            ``grad^T delta`` would be this rank's shard only.
+    """
+    for p in params:
+        if type(p).__name__ == "DTensor" or getattr(p, "_fsdp_flattened", False):
+            raise RuntimeError("damping_adaptation supports a single process and DDP "
+                               "(whole parameters on every rank), not sharded (FSDP) "
+                               "parameters; use damping_adaptation=None with FSDP")
+
+
+def _loss_value(loss: Any) -> float:
+    """A closure's loss as a float (a tensor of one element, or a number).
+
+    Raises:
+        TypeError: the closure returned something else (damping_adaptation needs the loss).
+    """
+    if isinstance(loss, Tensor) and loss.numel() == 1:
+        return float(loss.detach())
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    raise TypeError("damping_adaptation: the closure must return the loss (a one-element "
+                    f"tensor or a number), got {type(loss).__name__}")
+
+
 class KFAC(torch.optim.Optimizer):
     """K-FAC natural-gradient optimizer (Martens & Grosse 2015).
 
@@ -74,6 +101,28 @@ class KFAC(torch.optim.Optimizer):
         nesterov: Nesterov momentum (``base="sgd"``).
         base: ``"sgd"``, ``"adamw"`` or ``"grafting"`` (``kfac_optim.base``).
         betas, eps: Adam's moment decays in [0, 1) and denominator term > 0 (Adam bases).
+        damping_adaptation: None (default: the damping is the group's ``damping``, as set
+            or scheduled) or ``"levenberg_marquardt"``: every ``damping_adaptation_steps``
+            steps the damping is adjusted from the reduction ratio of the K-FAC quadratic
+            model (Martens & Grosse 2015, Sec. 6.5; ``kfac_optim.damping``)::
+
+                M(delta) = grad^T delta + 1/2 delta^T (F + lambda I) delta
+                rho = (h(theta + delta) - h(theta)) / M(delta)
+                rho > 3/4: lambda *= omega;  rho < 1/4: lambda /= omega;
+                omega = (19/20)^damping_adaptation_steps
+
+            with ``delta`` the step taken (after KL clip and base update), ``F`` the K-FAC
+            curvature (``A (x) G`` per layer) and ``lambda`` clamped into ``[damping_min,
+            damping_max]``. The new value is written to every param group's ``damping``
+            (saved in ``state_dict()``; ``preconditioner.describe()`` reports it as the
+            damping used, and ``rho``). Needs ``step(closure)`` (one extra closure call at
+            each adaptation step), ``loss_reduction="mean"``, no ``grad_scaler``, whole
+            parameters (single process or DDP; the losses are averaged over ranks). Each
+            adaptation starts from the group's current ``damping``: a scheduler writing it
+            composes with the rule (and overrides it when it writes every step).
+        damping_adaptation_steps: ``T1`` >= 1 (default 5, as in the paper).
+        damping_min, damping_max: the clamp range of the adapted damping, ``0 <
+            damping_min <= damping <= damping_max`` (defaults 1e-6 and 10).
         params: optional parameter groups (as for any torch optimizer) over a subset of
             ``model``'s parameters; default: all parameters with ``requires_grad``. Only
             layers whose weight is among them are preconditioned: the gradients of other
@@ -83,17 +132,37 @@ class KFAC(torch.optim.Optimizer):
             signature); ``damping`` and ``kl_clip`` become param-group defaults.
 
     State: ``state_dict()`` is the usual optimizer state plus the preconditioner's under
-    key ``"kfac"``; tensors and plain values only, valid right after construction.
+    key ``"kfac"`` (and the damping adaptation's under ``"damping_adaptation"``); tensors
+    and plain values only, valid right after construction. Schedules given as callables
+    (``factor_decay``, ``factor_update_steps``, ``inv_update_steps``) are not saved: pass
+    them again when resuming, as with an LR scheduler.
+
+    Example (adaptive damping; the closure re-evaluates the same batch)::
+
+        opt = KFAC(model, lr=0.1, damping=1e-2, damping_adaptation="levenberg_marquardt")
+        for x, y in loader:
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+        opt.param_groups[0]["damping"], opt.damping_adaptation.rho  # lambda, last rho
 
     Raises:
         ValueError / TypeError: bad arguments, naming the argument and accepted values (an
-            unknown keyword gets the closest option names).
+            unknown keyword gets the closest option names); with several ranks, damping
+            adaptation settings that differ between ranks (naming each rank's value).
+        RuntimeError: ``damping_adaptation`` with sharded (FSDP) parameters.
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 0.0, nesterov: bool = False, *, params: Any = None,
                  base: str = "sgd", betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, options: KFACOptions | None = None, **overrides: Any):
+                 eps: float = 1e-8, damping_adaptation: str | None = None,
+                 damping_adaptation_steps: int = 5, damping_min: float = 1e-6,
+                 damping_max: float = 10.0, options: KFACOptions | None = None,
+                 **overrides: Any):
         check_model(model, "KFAC")
         if check_nonneg("lr", lr) <= 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
@@ -116,6 +185,11 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError("base='grafting' needs each layer's whole gradient for its norm; "
                              "FSDP1 holds flat shards: use base='adamw' or 'sgd' with FSDP1 "
                              "(grafting works under DDP and FSDP2)")
+        if damping_adaptation not in DAMPING_ADAPTATIONS:
+            raise ValueError(f"damping_adaptation={damping_adaptation!r} is not accepted; "
+                             f"accepted values: {DAMPING_ADAPTATIONS}")
+        adaptation = None if damping_adaptation is None else LevenbergMarquardt(
+            damping_adaptation_steps, damping_min, damping_max)
         if params is not None:
             params = list(params)  # may be a generator: read once, used twice
         self.preconditioner = KFACPreconditioner(model, params=params, options=options, lr=lr,
@@ -123,6 +197,17 @@ class KFAC(torch.optim.Optimizer):
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         opts = self.preconditioner.options
+        try:
+            if adaptation is not None:
+                self._check_adaptation(adaptation, opts, model)
+            # every rank adapts, or none: the adaptation's all-reduces must match
+            self.preconditioner.check_ranks_agree(
+                {"damping_adaptation": damping_adaptation,
+                 **({} if adaptation is None else adaptation.settings())})
+        except (ValueError, RuntimeError):
+            self.preconditioner.remove()  # leave the model as it was
+            raise
+        self.damping_adaptation = adaptation
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                         damping=opts.damping, kl_clip=opts.kl_clip, base=base,
                         betas=tuple(betas), eps=eps)
@@ -133,6 +218,29 @@ class KFAC(torch.optim.Optimizer):
         _refuse_partitioned(self.param_groups)
         self.skipped_steps = 0
 
+    @staticmethod
+    def _check_adaptation(adaptation: LevenbergMarquardt, opts: KFACOptions,
+                          model: nn.Module) -> None:
+        """Refuse what adaptive damping cannot judge.
+
+        Raises:
+            ValueError: a starting damping outside the clamp range; ``loss_reduction="sum"``
+                (the factors are the Fisher of the mean loss: the quadratic model would need
+                N F); a ``grad_scaler`` (GradScaler.step takes no closure);
+                ``woodbury_reduction="row_sharded"``.
+            RuntimeError: sharded (FSDP) parameters.
+        """
+        adaptation.check_start(opts.damping)
+        refused = {"loss_reduction": (opts.loss_reduction, "sum", "'mean'"),
+                   "grad_scaler": (opts.grad_scaler is not None, True, "None"),
+                   "woodbury_reduction": (opts.woodbury_reduction, "row_sharded", "'gather'")}
+        for name, (value, bad, accepted) in refused.items():
+            if value == bad:
+                raise ValueError(f"damping_adaptation needs {name}={accepted} (got "
+                                 f"{getattr(opts, name)!r}): docs/design.md, \"Damping and "
+                                 "schedules\"")
+        _refuse_sharded_for_adaptation(model.parameters())
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         """Precondition, then take the base update (``base``). Returns ``closure()``'s loss.
@@ -142,30 +250,102 @@ class KFAC(torch.optim.Optimizer):
         replaced since construction (FSDP2's ``fully_shard`` after building ``KFAC``) are
         first rebound in the param groups (``_rebind_replaced``).
 
+        With ``damping_adaptation`` every step needs ``closure`` (it zeroes the gradients,
+        computes the loss on the step's batch, calls ``backward()`` and returns the loss);
+        at an adaptation step it is called a second time after the update, with statistics
+        capture off, to evaluate ``h(theta + delta)`` (``_adapt_damping``). The gradients
+        left in ``.grad`` afterwards are those of that second call. An adaptation step also
+        holds a copy of the parameters and of their gradients until its end.
+
         Raises:
             RuntimeError: the groups hold parameters that are not the model's (a flat
                 partition, ZeRO-3 placeholders), or a replaced parameter had optimizer
-                state (see ``_rebind_replaced``).
+                state (see ``_rebind_replaced``); ``damping_adaptation`` without a closure;
+                sharded parameters at an adaptation step.
         """
         self._rebind_replaced()
         _refuse_partitioned(self.param_groups, self._model_params)
+        adaptation = self.damping_adaptation
+        if adaptation is not None and closure is None:
+            raise RuntimeError(
+                "KFAC(damping_adaptation='levenberg_marquardt') needs step(closure): the "
+                "closure re-evaluates the loss on the same batch after the update (reduction "
+                "ratio, Martens & Grosse 2015 Sec. 6.5); pass a closure that zeroes the "
+                "gradients, computes the loss, calls backward() and returns the loss, or "
+                "build KFAC with damping_adaptation=None")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         first = self.param_groups[0]
+        before = self._snapshot() if adaptation is not None and adaptation.due else None
         raw = self._raw_gradients()
-        self.preconditioner.step(lr=first["lr"], damping=first["damping"],
-                                 kl_clip=first["kl_clip"])
+        damping = first["damping"]
+        self.preconditioner.step(lr=first["lr"], damping=damping, kl_clip=first["kl_clip"])
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             self.skipped_steps += 1
             warnings.warn("KFAC: non-finite gradient; step skipped, weights unchanged",
                           stacklevel=2)
+            if adaptation is not None:
+                adaptation.steps += 1
             return loss
         self._base_update(raw)
+        if before is not None:
+            self._adapt_damping(closure, loss, before, damping)
+        if adaptation is not None:
+            adaptation.steps += 1
         return loss
 
+    def _snapshot(self) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+        """``(param, its value, its raw gradient)`` of every group parameter, before the
+        step (what ``_adapt_damping`` measures the step and ``grad^T delta`` with).
+
+        Raises:
+            RuntimeError: sharded parameters (``_refuse_sharded_for_adaptation``).
+        """
+        params = [p for g in self.param_groups for p in g["params"]]
+        _refuse_sharded_for_adaptation(params)
+        return [(p, p.detach().clone(), None if p.grad is None else p.grad.detach().clone())
+                for p in params]
+
+    def _adapt_damping(self, closure: Callable[[], Any], loss: Any,
+                       before: list[tuple[Tensor, Tensor, Tensor | None]],
+                       damping: float) -> None:
+        """The Levenberg-Marquardt adjustment (``kfac_optim.damping``) after the update.
+
+        ``delta = theta_new - theta_old`` over every group parameter; in float64::
+
+            M(delta) = sum_p grad_p . delta_p
+                       + 1/2 (delta^T F delta + damping * sum_p |delta_p|^2)
+
+        with ``delta^T F delta`` from ``KFACPreconditioner.curvature_quadratic``. The losses
+        ``h(theta)`` (the step's closure) and ``h(theta + delta)`` (called again, capture
+        off) are averaged over ranks, so rho, and the damping written to every param
+        group's ``"damping"``, are the same on every rank.
+        """
+        pre = self.preconditioner
+        f64 = torch.float64
+        deltas = {id(p): p.detach() - old for p, old, _ in before}
+        linear = sum(((g.to(f64) * deltas[id(p)].to(f64)).sum().cpu()
+                      for p, _, g in before if g is not None), torch.zeros((), dtype=f64))
+        squares = sum((deltas[id(p)].to(f64).square().sum().cpu() for p, _, _ in before),
+                      torch.zeros((), dtype=f64))
+        quad = pre.curvature_quadratic(lambda p: deltas.get(id(p))).cpu()
+        model = float(linear + 0.5 * (quad + damping * squares))
+        capture, pre.capture_enabled = pre.capture_enabled, False
+        try:
+            with torch.enable_grad():
+                after = closure()
+        finally:
+            pre.capture_enabled = capture
+        h_before, h_after = pre.mean_over_ranks([_loss_value(loss), _loss_value(after)])
+        adaptation = self.damping_adaptation
+        rho = adaptation.ratio(h_before, h_after, model)
+        new = adaptation.adjust(damping, rho)
+        pre.reduction_ratio = rho
+        for group in self.param_groups:
+            group["damping"] = new
     def _rebind_replaced(self) -> None:
         """Point the param groups at the model's current parameters.
 
@@ -245,12 +425,20 @@ class KFAC(torch.optim.Optimizer):
         self.preconditioner.capture_enabled = False
 
     def state_dict(self) -> dict:
+        """The base optimizer's ``state`` and ``param_groups`` (each group's ``damping``:
+        the adapted value with ``damping_adaptation``), the preconditioner's state under
+        ``"kfac"`` and, with ``damping_adaptation``, its state under ``"damping_adaptation"``
+        (``LevenbergMarquardt.state_dict``). Schedules given as callables are not saved."""
         state = super().state_dict()
         state["kfac"] = self.preconditioner.state_dict()
+        if self.damping_adaptation is not None:
+            state["damping_adaptation"] = self.damping_adaptation.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore from ``state_dict()``.
+        """Restore from ``state_dict()`` (the damping adaptation's state too, when both
+        this optimizer and the state have one; a state without it starts the rule afresh,
+        one with it loaded without ``damping_adaptation`` keeps only the groups' damping).
 
         Raises:
             ValueError: not a ``KFAC`` state (no ``"kfac"`` entry), or as
@@ -264,6 +452,10 @@ class KFAC(torch.optim.Optimizer):
                 f"{type(state_dict).__name__} with keys {keys} (another optimizer's state? "
                 "a preconditioner's state loads with opt.preconditioner.load_state_dict)")
         state_dict = dict(state_dict)
+        adaptation = state_dict.pop("damping_adaptation", None)
+        if adaptation is not None and self.damping_adaptation is not None:
+            self.damping_adaptation.load_state_dict(adaptation)
+            self.preconditioner.reduction_ratio = self.damping_adaptation.rho
         self.preconditioner.load_state_dict(state_dict.pop("kfac"))
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # groups saved before a key existed (0.1.0: base)

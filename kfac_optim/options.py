@@ -26,7 +26,8 @@ from .inverse import DAMPING_MODES
 
 __all__ = ["KFACOptions", "StepSettings", "INVERSE_POLICIES", "LOSS_REDUCTIONS",
            "WOODBURY_REDUCTIONS", "INVERSE_WORKERS", "check_nonneg", "check_kl_clip",
-           "options_signature", "options_doc", "check_model", "check_damping"]
+           "options_signature", "options_doc", "check_model", "check_damping",
+           "SCHEDULED_OPTIONS", "scheduled"]
 
 INVERSE_POLICIES = ("eig", "woodbury", "auto", "hybrid")
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -187,6 +188,38 @@ def _bucket(name: str, value: Any) -> float | None:
     return value
 
 
+def _schedule(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    """``check`` for a value, or for a callable of the step: a callable is kept (not
+    saved in any state) and checked now on what it returns at step 0 (``scheduled``)."""
+    def check_or_schedule(name: str, value: Any) -> Any:
+        if callable(value):
+            scheduled(name, value, check, 0)
+            return value
+        return check(name, value)
+    check_or_schedule.schedule_check = check  # what ``KFACOptions.at`` checks a result with
+    return check_or_schedule
+
+
+def scheduled(name: str, schedule: Callable[[int], Any], check: Callable[[str, Any], Any],
+              step: int) -> Any:
+    """``schedule(step)``, checked by ``check``.
+
+    Raises:
+        ValueError / TypeError: the callable raised, or returned a value ``check`` refuses;
+            the message names the option, the step and what it returned.
+    """
+    try:
+        value = schedule(step)
+    except Exception as err:  # noqa: BLE001 (re-raised with the option's name)
+        raise ValueError(f"{name}: the schedule {schedule!r} raised {type(err).__name__} at "
+                         f"step {step}: {err}") from err
+    try:
+        return check(name, value)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{name}: the schedule {schedule!r} returned {value!r} at step {step}, "
+                        f"which is refused: {err}") from None
+
+
 def _any(name: str, value: Any) -> Any:
     return value
 
@@ -196,6 +229,12 @@ def option(default: Any, doc: str, check: Callable[[str, Any], Any] = _any) -> A
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable default")
     return field(default=default, metadata={"doc": doc, "check": check})
+
+
+_SCHEDULE_DOC = ("Or a callable ``f(step) -> value`` (step: the preconditioner's step count, "
+                 "from 0), checked on each value it returns; it is not saved in "
+                 "``state_dict()``: pass it again when resuming, as with an LR scheduler.")
+SCHEDULED_OPTIONS = ("factor_decay", "factor_update_steps", "inv_update_steps")
 
 
 @dataclass
@@ -225,14 +264,15 @@ class KFACOptions:
         "``step(lr=...)`` overrides it. ``KFAC`` passes its group's lr.",
         _optional(check_nonneg))
     # Factors ----------------------------------------------------------------------
-    factor_decay: float = option(
-        0.95, "EMA decay in [0, 1) of A and G; bias-corrected.", _decay)
-    factor_update_steps: int = option(
-        10, "capture statistics and update the factors every k steps.", _steps)
-    inv_update_steps: int = option(
-        100, "recompute the inverses (eigendecompositions, Woodbury systems) every k steps; "
-        "a layer with factors and no inverse yet gets its first one at once.",
-        _steps)
+    factor_decay: float | Callable[[int], float] = option(
+        0.95, "EMA decay in [0, 1) of A and G; bias-corrected. " + _SCHEDULE_DOC, _schedule(_decay))
+    factor_update_steps: int | Callable[[int], int] = option(
+        10, "capture statistics and update the factors at the steps where ``step % k == 0``. "
+        + _SCHEDULE_DOC, _schedule(_steps))
+    inv_update_steps: int | Callable[[int], int] = option(
+        100, "recompute the inverses (eigendecompositions, Woodbury systems) at the steps where "
+        "``step % k == 0``; a layer with factors and no inverse yet gets its first one at once. "
+        + _SCHEDULE_DOC, _schedule(_steps))
     loss_reduction: str = option(
         "mean", "how the loss given to ``backward()`` was reduced over its N loss terms: "
         "``\"mean\"`` (captured gradients are multiplied by N) or ``\"sum\"``.",
@@ -373,6 +413,19 @@ class KFACOptions:
                             f"{type(options).__name__}")
         return replace(options, **overrides)
 
+    def at(self, name: str, step: int) -> Any:
+        """Option ``name`` in effect at ``step``: its value, or what its schedule (one of
+        ``SCHEDULED_OPTIONS`` given as a callable) returns at ``step``, checked.
+
+        Raises:
+            ValueError / TypeError: the schedule returned a refused value (``scheduled``).
+        """
+        value = getattr(self, name)
+        if name not in SCHEDULED_OPTIONS or not callable(value):
+            return value
+        check = next(f for f in fields(self) if f.name == name).metadata["check"]
+        return scheduled(name, value, check.schedule_check, step)
+
     @property
     def comm_bucket_bytes(self) -> int | None:
         """``comm_bucket_mb`` in bytes (None: no cap)."""
@@ -390,26 +443,34 @@ class KFACOptions:
 
 @dataclass(frozen=True)
 class StepSettings:
-    """``lr``, ``damping`` and ``kl_clip`` resolved once for one step (what it used)."""
+    """The values one step used, resolved once: ``lr``, ``damping``, ``kl_clip`` and the
+    schedulable ``factor_decay``, ``factor_update_steps``, ``inv_update_steps`` at ``step``."""
 
     lr: float | None
     damping: float
     kl_clip: float | None
+    step: int = 0
+    factor_decay: float = 0.95
+    factor_update_steps: int = 10
+    inv_update_steps: int = 100
 
     @classmethod
     def resolve(cls, options: KFACOptions, lr: Any = None, damping: Any = None,
-                kl_clip: Any = ...) -> StepSettings:
-        """The step's values: the arguments where given (checked), else the options'.
+                kl_clip: Any = ..., step: int = 0) -> StepSettings:
+        """The step's values: the arguments where given (checked), else the options' (a
+        schedule's value at ``step``).
 
         Raises:
-            ValueError: a bad value, or a KL clip without any lr.
+            ValueError: a bad value (a schedule's: naming the option, the step and what it
+                returned), or a KL clip without any lr.
         """
         damping = options.damping if damping is None else check_damping("damping", damping)
         kl_clip = options.kl_clip if kl_clip is ... else check_kl_clip(kl_clip)
         lr = options.lr if lr is None else check_nonneg("lr", lr)
         if kl_clip is not None and lr is None:
             raise ValueError("kl_clip needs lr: pass step(lr=...) or lr= at construction")
-        return cls(lr, damping, kl_clip)
+        return cls(lr, damping, kl_clip, step,
+                   **{name: options.at(name, step) for name in SCHEDULED_OPTIONS})
 
 
 def options_signature(func: Callable, skip: tuple[str, ...] = ()) -> inspect.Signature:

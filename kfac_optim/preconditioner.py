@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -141,6 +141,8 @@ class KFACPreconditioner:
         self.steps = 0
         self.capture_enabled = True
         self.last_step: StepSettings | None = None
+        # rho of the last damping adaptation (``KFAC(damping_adaptation=...)``), else None
+        self.reduction_ratio: float | None = None
         self._warned_stale = False
         self._layers: dict[str, KFACLayer] = {}
         self._attention: list[AttentionLayers] = []
@@ -253,7 +255,8 @@ class KFACPreconditioner:
     @property
     def capturing(self) -> bool:
         """Whether this step's forward/backward passes feed the factors."""
-        return self.capture_enabled and self.steps % self.options.factor_update_steps == 0
+        return (self.capture_enabled
+                and self.steps % self.options.at("factor_update_steps", self.steps) == 0)
 
     @property
     def loss_divisor_ranks(self) -> int:
@@ -300,18 +303,19 @@ class KFACPreconditioner:
                 gradient but its module's forward never ran (the weight is used directly);
                 nothing is changed.
         """
-        self.last_step = settings = StepSettings.resolve(self.options, lr, damping, kl_clip)
+        self.last_step = settings = StepSettings.resolve(self.options, lr, damping, kl_clip,
+                                                         step=self.steps)
         self._check_hooked()
         if self.capturing:
             self._placement.reduce_statistics(self._layers, self.steps)
-        counts = self._update_factors()
+        counts = self._update_factors(settings.factor_decay)
         # on schedule every layer; otherwise the layers with factors and no inverse yet (no
         # cold start: a layer first seen off schedule is preconditioned from then on)
-        due = self.steps % self.options.inv_update_steps == 0
+        due = self.steps % settings.inv_update_steps == 0
         cold = [la for la in self._layers.values() if la.inverse is None and la.has_factors]
         if due or cold:
             self._update_inverses(None if due else cold)
-        self._update_eigenvalue_corrections(counts)
+        self._update_eigenvalue_corrections(counts, settings.factor_decay)
         with self._whole_parameters(with_grads=True):
             stale = [la.name for la in self._layers.values() if la.has_grad_written()]
             if stale and not self._warned_stale:
@@ -362,9 +366,9 @@ class KFACPreconditioner:
                 "so they are never captured; add them to skip_layers to leave them to the base "
                 "update")
 
-    def _update_factors(self) -> dict[str, Tensor]:
-        """Fold pending statistics into the running factors; returns each updated layer's
-        loss-term count N (EKFAC normalises with it)."""
+    def _update_factors(self, decay: float) -> dict[str, Tensor]:
+        """Fold pending statistics into the running factors with EMA ``decay``; returns each
+        updated layer's loss-term count N (EKFAC normalises with it)."""
         updates, counts = [], {}
         for name, layer in self._layers.items():
             if layer.g.pending:
@@ -377,7 +381,6 @@ class KFACPreconditioner:
             return counts
         finite = self._placement.lowrank.agree(torch.stack(
             [torch.isfinite(a).all() & torch.isfinite(g).all() for _, a, g in updates]))
-        decay = self.options.factor_decay
         for (layer, a, g), ok in zip(updates, finite.tolist(), strict=True):
             if not ok:
                 layer.nonfinite_skips += 1
@@ -414,7 +417,7 @@ class KFACPreconditioner:
             self._placement.lowrank.gather_rows(layer)
             layer.densify()
 
-    def _update_eigenvalue_corrections(self, counts: dict[str, Tensor]) -> None:
+    def _update_eigenvalue_corrections(self, counts: dict[str, Tensor], decay: float) -> None:
         """EKFAC: this update's second moments in the current eigenbasis, summed over loss
         terms (rows, or samples of a weight-shared layer: ``eigenbasis_second_moments``) and
         ranks and divided by N, folded into the inverse's corrected eigenvalues."""
@@ -434,7 +437,7 @@ class KFACPreconditioner:
             moments = self._placement.reduce_moments(moments)  # counts[name]: the global N
             moments = moments / counts[name].clamp(min=1)
             if bool(torch.isfinite(moments).all()):
-                layer.inverse.update_corrections(moments, self.options.factor_decay)
+                layer.inverse.update_corrections(moments, decay)
 
     def update_inverses(self) -> None:
         """Recompute every layer's inverse from its current factors now, outside the
@@ -476,6 +479,71 @@ class KFACPreconditioner:
         for layer, _, _ in results:  # after every write: groups of a conv share one .grad
             layer.mark_written()
 
+    # Curvature -----------------------------------------------------------------
+    def curvature_quadratic(self, of: Callable[[Tensor], Tensor | None]) -> Tensor:
+        """``delta^T F delta`` for a step ``delta``, ``F`` the K-FAC curvature: block
+        diagonal over the layers, ``A (x) G`` per layer (the current bias-corrected
+        running factors, without damping), so with ``D`` (o, d [+1]) the layer's step as
+        its weight matrix (``LayerCapture.matrix_of``, bias the last column)::
+
+            vec(D)^T (A (x) G) vec(D) = sum(D * (G D A))
+
+        (``A`` diagonal for an Embedding: ``G D diag(a)``; a low-rank ``G = U U^T``:
+        ``sum((U^T D) * (U^T D A))``). Layers without factors yet count 0. With several
+        ranks the result is the same on every rank (collective in owner mode).
+
+        Args:
+            of: each preconditioned parameter -> its step (a tensor of its shape; None is
+                only accepted for a bias, as zeros).
+
+        Returns:
+            A float64 scalar tensor (units: the Fisher of the mean loss, as the damping).
+
+        Raises:
+            RuntimeError: a row-sharded low-rank G (``woodbury_reduction="row_sharded"``:
+                this rank holds some rows of U only).
+        """
+        total = torch.zeros((), dtype=torch.float64)
+        for layer in self._layers.values():
+            if not (layer.has_factors and self._placement.owns(layer)):
+                continue
+            if layer.row_sharded:
+                raise RuntimeError(f"K-FAC layer '{layer.name}': the curvature of a row-sharded "
+                                   "low-rank G needs every rank's rows; use "
+                                   "woodbury_reduction='gather'")
+            d = layer.capture.matrix_of(of).to(torch.float64)
+            a = layer.a.value().to(d.device, torch.float64)
+            right = d * a if layer.capture.diagonal_a else d @ a  # D A
+            if layer.low_rank:
+                u = layer.g.factor().to(d.device, torch.float64)
+                term = ((u.t() @ d) * (u.t() @ right)).sum()
+            else:
+                g = layer.g.value().to(d.device, torch.float64)
+                term = (d * (g @ right)).sum()
+            total = total + term.cpu()
+        return self._placement.sum_over_owners(total.to(self._comm_device()))
+
+    def _comm_device(self) -> torch.device:
+        """Where a scalar for a collective lives (the first layer's device: CUDA for NCCL)."""
+        first = next(iter(self._layers.values()), None)
+        return torch.device("cpu") if first is None else first.capture.weight.device
+
+    def mean_over_ranks(self, values: list[float]) -> list[float]:
+        """The mean over ranks of rank-local numbers (a closure's losses), the same on
+        every rank (one float64 all-reduce, collective with several ranks)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        return self._placement.mean_over_ranks(t).tolist()
+
+    def check_ranks_agree(self, settings: dict[str, Any]) -> None:
+        """Refuse settings (outside the options: ``KFAC``'s damping adaptation) that differ
+        between ranks (collective with several ranks; ``Replicate.check_same``).
+
+        Raises:
+            ValueError: on every rank, naming each setting that differs and every rank's
+                value.
+        """
+        self._placement.check_same({k: repr(v) for k, v in settings.items()})
+
     # Diagnostics ---------------------------------------------------------------
     def _describe(self, layer: KFACLayer) -> dict[str, Any]:
         cap, d = layer.capture, layer.diag
@@ -486,7 +554,8 @@ class KFACPreconditioner:
             "shape": (cap.out_features, cap.in_features),
             "policy": d.get("policy", "low-rank" if layer.low_rank else "eig"),
             "T": d.get("T"), "rank": inv.get("rank"), "damping": damping,
-            "damping_mode": self.options.damping_mode, "jitter": inv.get("jitter"),
+            "damping_mode": self.options.damping_mode, "rho": self.reduction_ratio,
+            "jitter": inv.get("jitter"),
             "cond_A": inv.get("cond_A"), "cond_G": inv.get("cond_G"),
             "clipped_A": inv.get("clipped_A", 0), "clipped_G": inv.get("clipped_G", 0),
             "dropped_G": d.get("dropped_G"), "factor_updates": layer.a.updates,
@@ -498,12 +567,14 @@ class KFACPreconditioner:
 
         Keys: layer, type, shape ``(o, d)``, policy (``eig``/``woodbury``), T (columns added
         by the last low-rank update), rank (columns of a low-rank G, else o), damping (the
-        value the last step used), damping_mode, jitter (Cholesky jitter of the Woodbury
-        system, factored mode), cond_A, cond_G (condition numbers after clipping; inf when
-        singular), clipped_A, clipped_G (eigenvalues raised by ``max_condition_number``),
-        dropped_G (trace fraction the last ``woodbury_rank`` truncation dropped, None if
-        none), factor_updates, nonfinite_skips, owner (the owning rank in owner mode, else
-        None; the factor columns are filled only on the owner).
+        value the last step used), damping_mode, rho (the reduction ratio of the last
+        damping adaptation, ``KFAC(damping_adaptation=...)``; None without), jitter
+        (Cholesky jitter of the Woodbury system, factored mode), cond_A, cond_G (condition
+        numbers after clipping; inf when singular), clipped_A, clipped_G (eigenvalues
+        raised by ``max_condition_number``), dropped_G (trace fraction the last
+        ``woodbury_rank`` truncation dropped, None if none), factor_updates,
+        nonfinite_skips, owner (the owning rank in owner mode, else None; the factor
+        columns are filled only on the owner).
         ``pandas.DataFrame(pre.describe())`` makes it a table.
         """
         return [self._describe(layer) for layer in self._layers.values()]

@@ -27,6 +27,7 @@ from ..capture import accumulation_dtype
 from ..distributed import (
     CommStats,
     all_reduce_counts,
+    all_reduce_sum,
     all_reduce_symmetric,
     assign_greedy,
     broadcast_from_owners,
@@ -49,10 +50,13 @@ RANK_LOCAL_OPTIONS = ("process_group", "grad_scaler", "inv_device", "woodbury_st
                       "woodbury_store_threshold_bytes")
 
 
-def fingerprint(options: Any, layers: dict[str, KFACLayer]) -> dict[str, str]:
+def fingerprint(options: Any, layers: dict[str, KFACLayer], step: int = 0) -> dict[str, str]:
     """What every rank must agree on: each option that affects the collectives or the
-    mathematics (all but ``RANK_LOCAL_OPTIONS``), and the layers' names, kinds and shapes."""
-    out = {f.name: repr(getattr(options, f.name)) for f in fields(options)
+    mathematics (all but ``RANK_LOCAL_OPTIONS``), and the layers' names, kinds and shapes.
+    A schedule (``factor_decay``, ``factor_update_steps``, ``inv_update_steps`` given as a
+    callable) counts by its value at ``step`` (``KFACOptions.at``), not by the callable,
+    whose repr differs between processes."""
+    out = {f.name: repr(options.at(f.name, step)) for f in fields(options)
            if f.name not in RANK_LOCAL_OPTIONS}
     out["layers"] = repr([(name, la.capture.kind, la.capture.out_features,
                            la.capture.in_features) for name, la in layers.items()])
@@ -95,15 +99,25 @@ class Replicate:
         at construction (``all_gather_object``, collective): ranks that disagree would
         silently train different models or fail inside a collective with a size mismatch.
         Per-step values (``step(lr=, damping=, kl_clip=)``, a ``KFAC`` optimizer's param
-        groups) are not checked.
+        groups) are not checked; a schedule is compared by its value at step 0
+        (``fingerprint``): it must be the same function of the step on every rank.
 
         Raises:
             ValueError: on every rank, naming each option (or ``layers``) that differs and
                 every rank's value.
         """
+        self.check_same(fingerprint(self.options, layers))
+
+    def check_same(self, mine: dict[str, str]) -> None:
+        """Compare ``mine`` (name -> repr of a setting) across ranks (collective with a
+        group; ``check_agreement``, and ``KFAC``'s damping adaptation settings).
+
+        Raises:
+            ValueError: on every rank, naming each setting that differs and every rank's
+                value.
+        """
         if self.group is None:
             return
-        mine = fingerprint(self.options, layers)
         every: list[Any] = [None] * self.world
         dist.all_gather_object(every, mine, group=self.group)
         differ = [key for key in mine if any(fp[key] != mine[key] for fp in every)]
@@ -220,6 +234,19 @@ class Replicate:
                                        stats=self.stats)
         return flat.reshape(moments.shape)
 
+    def mean_over_ranks(self, value: Tensor) -> Tensor:
+        """The mean over ranks of a rank-local value (a closure's loss on this rank's
+        batch), the same on every rank (collective with a group)."""
+        if self.group is None:
+            return value
+        return all_reduce_sum(value, self.group, kind="damping_adaptation",
+                              stats=self.stats) / self.world
+
+    def sum_over_owners(self, value: Tensor) -> Tensor:
+        """A sum over layers that each rank computed over the layers it holds
+        (``owns``), made whole on every rank: here every rank holds every layer."""
+        return value
+
     # Inverses ------------------------------------------------------------------
     def compute_inverses(self, layers: list[KFACLayer]) -> dict[str, Inverse | None]:
         """The new inverse of every layer in ``layers`` (None where a solver failed)."""
@@ -298,6 +325,10 @@ class Owner(Replicate):
     @property
     def owners(self) -> dict[str, int] | None:
         return dict(self._owners)
+
+    def sum_over_owners(self, value: Tensor) -> Tensor:
+        """Each rank summed its own layers: all-reduced (collective)."""
+        return all_reduce_sum(value, self.group, kind="damping_adaptation", stats=self.stats)
 
     def precondition(self, layers: dict[str, KFACLayer], damping: float) -> Results:
         """Each layer's owner preconditions its gradient, then broadcasts it.
