@@ -49,15 +49,25 @@ class KFAC(torch.optim.Optimizer):
 
     Each ``step()`` preconditions the gradients of the supported layers with
     ``KFACPreconditioner`` (KL-clipped at the group's ``lr``), then applies the group's
-    base update (``kfac_optim.base``) to every parameter; ``base="sgd"`` (default) is SGD
-    with momentum and (coupled) weight decay::
+    base update (``kfac_optim.base``) to every parameter. ``base="adamw"`` (default) is
+    AdamW (``betas``, ``eps``, decoupled ``weight_decay``) on the preconditioned gradient
+    ``d``, so ``KFAC(model, lr=X, weight_decay=W)`` is a swap-in for
+    ``torch.optim.AdamW(model.parameters(), lr=X, weight_decay=W)`` at AdamW's own ``X``
+    (docs/design.md, "Base update"; the defaults are chosen by
+    ``benchmarks/time_to_target.py``)::
+
+        m = b1 m + (1 - b1) d;  v = b2 v + (1 - b2) d^2
+        p = (1 - lr wd) p - lr m_hat / (sqrt(v_hat) + eps)
+
+    ``base="grafting"`` takes K-FAC's direction with the length of the AdamW step on the
+    raw gradient, per layer (Agarwal et al. 2020). ``base="sgd"`` is the classic K-FAC
+    update, SGD with momentum and coupled weight decay (it wants its own, larger ``lr``)::
 
         d = grad_pre + weight_decay * p;  buf = momentum * buf + d
         p -= lr * (d + momentum * buf if nesterov else buf)
 
-    ``base="adamw"`` is AdamW (``betas``, ``eps``, decoupled ``weight_decay``) on the
-    preconditioned gradient; ``base="grafting"`` takes K-FAC's direction with the length of
-    the AdamW step on the raw gradient, per layer (Agarwal et al. 2020).
+    Parameters K-FAC does not precondition (norms, biases of skipped layers, position
+    tables) take the plain base update of their own param group.
 
     Hyperparameters live in ``param_groups``: ``lr``, ``momentum``, ``weight_decay``,
     ``nesterov``, ``base``, ``betas``, ``eps`` per group; ``damping`` and ``kl_clip`` are
@@ -67,12 +77,12 @@ class KFAC(torch.optim.Optimizer):
 
     Args:
         model: the model whose trainable parameters are optimized.
-        lr: learning rate > 0.
+        lr: learning rate > 0 (default 1e-3, AdamW's).
         momentum: in [0, 1) (``base="sgd"``).
         weight_decay: >= 0 (``"sgd"``: L2, added to the preconditioned gradient; Adam bases:
             decoupled, ``p *= 1 - lr weight_decay``).
         nesterov: Nesterov momentum (``base="sgd"``).
-        base: ``"sgd"``, ``"adamw"`` or ``"grafting"`` (``kfac_optim.base``).
+        base: ``"adamw"`` (default), ``"grafting"`` or ``"sgd"`` (``kfac_optim.base``).
         betas, eps: Adam's moment decays in [0, 1) and denominator term > 0 (Adam bases).
         params: optional parameter groups (as for any torch optimizer) over a subset of
             ``model``'s parameters; default: all parameters with ``requires_grad``. Only
@@ -90,9 +100,9 @@ class KFAC(torch.optim.Optimizer):
             unknown keyword gets the closest option names).
     """
 
-    def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
+    def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9,
                  weight_decay: float = 0.0, nesterov: bool = False, *, params: Any = None,
-                 base: str = "sgd", betas: tuple[float, float] = (0.9, 0.999),
+                 base: str = "adamw", betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, options: KFACOptions | None = None, **overrides: Any):
         check_model(model, "KFAC")
         if check_nonneg("lr", lr) <= 0:
