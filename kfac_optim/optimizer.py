@@ -277,6 +277,8 @@ class KFAC(torch.optim.Optimizer):
         self.preconditioner.load_state_dict(state_dict.pop("kfac"))
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # groups saved before a key existed (0.1.0: base)
+            if "base" not in group:  # 0.1.0 had only the SGD-momentum update
+                group["base"] = "sgd"
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
