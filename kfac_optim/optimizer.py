@@ -76,15 +76,25 @@ class KFAC(torch.optim.Optimizer):
 
     Each ``step()`` preconditions the gradients of the supported layers with
     ``KFACPreconditioner`` (KL-clipped at the group's ``lr``), then applies the group's
-    base update (``kfac_optim.base``) to every parameter; ``base="sgd"`` (default) is SGD
-    with momentum and (coupled) weight decay::
+    base update (``kfac_optim.base``) to every parameter. ``base="adamw"`` (default) is
+    AdamW (``betas``, ``eps``, decoupled ``weight_decay``) on the preconditioned gradient
+    ``d``, so ``KFAC(model, lr=X, weight_decay=W)`` is a swap-in for
+    ``torch.optim.AdamW(model.parameters(), lr=X, weight_decay=W)`` at AdamW's own ``X``
+    (docs/design.md, "Base update"; the defaults are chosen by
+    ``benchmarks/time_to_target.py``)::
+
+        m = b1 m + (1 - b1) d;  v = b2 v + (1 - b2) d^2
+        p = (1 - lr wd) p - lr m_hat / (sqrt(v_hat) + eps)
+
+    ``base="grafting"`` takes K-FAC's direction with the length of the AdamW step on the
+    raw gradient, per layer (Agarwal et al. 2020). ``base="sgd"`` is the classic K-FAC
+    update, SGD with momentum and coupled weight decay (it wants its own, larger ``lr``)::
 
         d = grad_pre + weight_decay * p;  buf = momentum * buf + d
         p -= lr * (d + momentum * buf if nesterov else buf)
 
-    ``base="adamw"`` is AdamW (``betas``, ``eps``, decoupled ``weight_decay``) on the
-    preconditioned gradient; ``base="grafting"`` takes K-FAC's direction with the length of
-    the AdamW step on the raw gradient, per layer (Agarwal et al. 2020).
+    Parameters K-FAC does not precondition (norms, biases of skipped layers, position
+    tables) take the plain base update of their own param group.
 
     Hyperparameters live in ``param_groups``: ``lr``, ``momentum``, ``weight_decay``,
     ``nesterov``, ``base``, ``betas``, ``eps`` per group; ``damping`` and ``kl_clip`` are
@@ -94,12 +104,12 @@ class KFAC(torch.optim.Optimizer):
 
     Args:
         model: the model whose trainable parameters are optimized.
-        lr: learning rate > 0.
+        lr: learning rate > 0 (default 1e-3, AdamW's).
         momentum: in [0, 1) (``base="sgd"``).
         weight_decay: >= 0 (``"sgd"``: L2, added to the preconditioned gradient; Adam bases:
             decoupled, ``p *= 1 - lr weight_decay``).
         nesterov: Nesterov momentum (``base="sgd"``).
-        base: ``"sgd"``, ``"adamw"`` or ``"grafting"`` (``kfac_optim.base``).
+        base: ``"adamw"`` (default), ``"grafting"`` or ``"sgd"`` (``kfac_optim.base``).
         betas, eps: Adam's moment decays in [0, 1) and denominator term > 0 (Adam bases).
         damping_adaptation: None (default: the damping is the group's ``damping``, as set
             or scheduled) or ``"levenberg_marquardt"``: every ``damping_adaptation_steps``
@@ -156,9 +166,9 @@ class KFAC(torch.optim.Optimizer):
         RuntimeError: ``damping_adaptation`` with sharded (FSDP) parameters.
     """
 
-    def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
+    def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9,
                  weight_decay: float = 0.0, nesterov: bool = False, *, params: Any = None,
-                 base: str = "sgd", betas: tuple[float, float] = (0.9, 0.999),
+                 base: str = "adamw", betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, damping_adaptation: str | None = None,
                  damping_adaptation_steps: int = 5, damping_min: float = 1e-6,
                  damping_max: float = 10.0, options: KFACOptions | None = None,
@@ -227,13 +237,16 @@ class KFAC(torch.optim.Optimizer):
             ValueError: a starting damping outside the clamp range; ``loss_reduction="sum"``
                 (the factors are the Fisher of the mean loss: the quadratic model would need
                 N F); a ``grad_scaler`` (GradScaler.step takes no closure);
-                ``woodbury_reduction="row_sharded"``.
+                ``woodbury_reduction="row_sharded"``; ``damping_scale="relative"`` (M(delta)
+                takes one lambda).
             RuntimeError: sharded (FSDP) parameters.
         """
         adaptation.check_start(opts.damping)
         refused = {"loss_reduction": (opts.loss_reduction, "sum", "'mean'"),
                    "grad_scaler": (opts.grad_scaler is not None, True, "None"),
-                   "woodbury_reduction": (opts.woodbury_reduction, "row_sharded", "'gather'")}
+                   "woodbury_reduction": (opts.woodbury_reduction, "row_sharded", "'gather'"),
+                   # the quadratic model's lambda |delta|^2 takes the group's lambda
+                   "damping_scale": (opts.damping_scale, "relative", "'absolute'")}
         for name, (value, bad, accepted) in refused.items():
             if value == bad:
                 raise ValueError(f"damping_adaptation needs {name}={accepted} (got "
@@ -459,6 +472,8 @@ class KFAC(torch.optim.Optimizer):
         self.preconditioner.load_state_dict(state_dict.pop("kfac"))
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # groups saved before a key existed (0.1.0: base)
+            if "base" not in group:  # 0.1.0 had only the SGD-momentum update
+                group["base"] = "sgd"
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 

@@ -24,6 +24,8 @@ from torch import nn
 from .factors import KFAC_APPROXIMATIONS
 from .inverse import DAMPING_MODES
 
+DAMPING_SCALES = ("absolute", "relative")
+
 __all__ = ["KFACOptions", "StepSettings", "INVERSE_POLICIES", "LOSS_REDUCTIONS",
            "WOODBURY_REDUCTIONS", "INVERSE_WORKERS", "check_nonneg", "check_kl_clip",
            "options_signature", "options_doc", "check_model", "check_damping",
@@ -255,6 +257,13 @@ class KFACOptions:
         "exact", "``\"exact\"``: ``(A (x) G + lambda I)^{-1}``; ``\"factored\"``: "
         "``(G + lambda_G I)^{-1} V (A + lambda_A I)^{-1}``, the pi-split of Martens & Grosse "
         "2015, Sec. 6.3.", _choice(DAMPING_MODES))
+    damping_scale: str = option(
+        "absolute", "``\"absolute\"``: lambda is ``damping`` itself; ``\"relative\"``: "
+        "lambda is ``damping`` times each layer's mean Kronecker eigenvalue "
+        "``(tr(A) / d) (tr(G) / o)`` at its last inverse update, so one value fits every "
+        "layer and loss scale (the step is then invariant to scaling the loss, as Adam's "
+        "is; docs/design.md \"Damping\"). A layer whose factors have zero trace falls back "
+        "to the absolute value.", _choice(DAMPING_SCALES))
     kl_clip: float | None = option(
         1e-3, "KL-clip threshold > 0 (Ba, Grosse & Martens 2017): the step is scaled by "
         "``min(1, sqrt(kl_clip / (lr^2 sum_layers <V_pre, V>)))``; None disables it. Needs "

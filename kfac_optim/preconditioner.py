@@ -554,6 +554,7 @@ class KFACPreconditioner:
             "shape": (cap.out_features, cap.in_features),
             "policy": d.get("policy", "low-rank" if layer.low_rank else "eig"),
             "T": d.get("T"), "rank": inv.get("rank"), "damping": damping,
+            "layer_damping": self._placement.layer_damping(layer, damping),
             "damping_mode": self.options.damping_mode, "rho": self.reduction_ratio,
             "jitter": inv.get("jitter"),
             "cond_A": inv.get("cond_A"), "cond_G": inv.get("cond_G"),
@@ -567,14 +568,15 @@ class KFACPreconditioner:
 
         Keys: layer, type, shape ``(o, d)``, policy (``eig``/``woodbury``), T (columns added
         by the last low-rank update), rank (columns of a low-rank G, else o), damping (the
-        value the last step used), damping_mode, rho (the reduction ratio of the last
-        damping adaptation, ``KFAC(damping_adaptation=...)``; None without), jitter
-        (Cholesky jitter of the Woodbury system, factored mode), cond_A, cond_G (condition
-        numbers after clipping; inf when singular), clipped_A, clipped_G (eigenvalues
-        raised by ``max_condition_number``), dropped_G (trace fraction the last
-        ``woodbury_rank`` truncation dropped, None if none), factor_updates,
-        nonfinite_skips, owner (the owning rank in owner mode, else None; the factor
-        columns are filled only on the owner).
+        value the last step used), layer_damping (the lambda this layer's inverse applied:
+        ``damping``, times its mean Kronecker eigenvalue under ``damping_scale="relative"``),
+        damping_mode, rho (the reduction ratio of the last damping adaptation,
+        ``KFAC(damping_adaptation=...)``; None without), jitter (Cholesky jitter of the
+        Woodbury system, factored mode), cond_A, cond_G (condition numbers after clipping; inf
+        when singular), clipped_A, clipped_G (eigenvalues raised by ``max_condition_number``),
+        dropped_G (trace fraction the last ``woodbury_rank`` truncation dropped, None if
+        none), factor_updates, nonfinite_skips, owner (the owning rank in owner mode, else
+        None; the factor columns are filled only on the owner).
         ``pandas.DataFrame(pre.describe())`` makes it a table.
         """
         return [self._describe(layer) for layer in self._layers.values()]

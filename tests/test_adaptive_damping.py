@@ -288,6 +288,7 @@ def test_closure_must_return_the_loss():
     (dict(damping_adaptation=LM, loss_reduction="sum"), "loss_reduction='mean'"),
     (dict(damping_adaptation=LM, woodbury_reduction="row_sharded"),
      "woodbury_reduction='gather'"),
+    (dict(damping_adaptation=LM, damping_scale="relative"), "damping_scale='absolute'"),
 ])
 def test_refusals(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -72,9 +72,9 @@ def test_grafting_has_kfac_direction_and_adam_length_per_layer():
                 r.copy_(p)
 
 
-def test_sgd_base_is_the_default_and_bad_bases_are_refused():
+def test_adamw_base_is_the_default_and_bad_bases_are_refused():
     model = _net()
-    assert KFAC(model, lr=0.1).param_groups[0]["base"] == "sgd"
+    assert KFAC(model, lr=0.1).param_groups[0]["base"] == "adamw"
     with pytest.raises(ValueError, match="base='adam' is not accepted.*'adamw'"):
         KFAC(model, lr=0.1, base="adam")
     with pytest.raises(ValueError, match="betas"):

@@ -177,7 +177,7 @@ def test_resume_reproduces_uninterrupted_run():
 def test_lr_scheduler_and_damping_schedule_act_on_param_groups():
     torch.manual_seed(0)
     model = _mlp()
-    opt = KFAC(model, lr=0.1, momentum=0.0, kl_clip=None, factor_update_steps=1,
+    opt = KFAC(model, lr=0.1, momentum=0.0, base="sgd", kl_clip=None, factor_update_steps=1,
                inv_update_steps=1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
     for step in range(3):

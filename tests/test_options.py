@@ -27,7 +27,7 @@ def test_signatures_name_every_option_with_its_default():
             assert params[f.name].kind is inspect.Parameter.KEYWORD_ONLY, (cls, f.name)
             assert params[f.name].default == f.default, (cls, f.name)
             assert f.metadata["doc"] and f.name in cls.__doc__, (cls, f.name)
-    assert inspect.signature(KFAC).parameters["lr"].default == 0.1
+    assert inspect.signature(KFAC).parameters["lr"].default == 1e-3
 
 
 @pytest.mark.parametrize("cls", [KFACPreconditioner, KFAC])

@@ -27,13 +27,13 @@ def test_release_0_1_0_state_continues_the_run(case):
     model = Net().double()
     model.load_state_dict(saved["init"])
     opt = KFAC(model, lr=0.05, damping=0.01, factor_update_steps=1, inv_update_steps=2,
-               kl_clip=None, **saved["kwargs"])
+               kl_clip=None, base="sgd", **saved["kwargs"])  # 0.1.0 had only SGD-momentum
     data = batches(5)
     train(model, opt, data[:3])  # the same weights as when the state was saved
     fresh = Net().double()
     fresh.load_state_dict(model.state_dict())
     opt2 = KFAC(fresh, lr=0.05, damping=0.01, factor_update_steps=1, inv_update_steps=2,
-                kl_clip=None, **saved["kwargs"])
+                kl_clip=None, **saved["kwargs"])  # the state's groups carry base="sgd"
     opt2.load_state_dict(saved["optimizer"])
     assert opt2.state_dict()["kfac"]["version"] == STATE_VERSION
     train(fresh, opt2, data[3:])

@@ -16,6 +16,8 @@ Every plan owns its collectives (``kfac_optim.distributed``) and its low-rank re
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import fields
 from typing import Any
 
@@ -254,6 +256,15 @@ class Replicate:
                 for layer in layers}
 
     # Preconditioning -----------------------------------------------------------
+    def layer_damping(self, layer: KFACLayer, damping: float) -> float:
+        """The lambda ``layer``'s inverse applies this step: ``damping``, times the inverse's
+        ``kronecker_mean()`` under ``damping_scale="relative"`` (when that is > 0 and
+        finite)."""
+        if self.options.damping_scale == "absolute" or layer.inverse is None:
+            return damping
+        mean = layer.inverse.kronecker_mean()
+        return damping * mean if math.isfinite(mean) and mean > 0 else damping
+
     def precondition(self, layers: dict[str, KFACLayer], damping: float) -> Results:
         """``(layer, V, V_pre)`` for every layer with an inverse and a new gradient."""
         results = []
@@ -262,7 +273,8 @@ class Replicate:
             if layer.inverse is None or not layer.has_new_grad():
                 continue
             grad = cap.grad_matrix()
-            results.append((layer, grad, self.lowrank.precondition(layer, grad, damping)))
+            results.append((layer, grad, self.lowrank.precondition(
+                layer, grad, self.layer_damping(layer, damping))))
         return results
 
     # State -----------------------------------------------------------------------
@@ -354,7 +366,8 @@ class Owner(Replicate):
         results = []
         for layer in ready:
             grad = layer.capture.grad_matrix()
-            pre = (self.lowrank.precondition(layer, grad, damping).to(grad.dtype)
+            pre = (self.lowrank.precondition(layer, grad, self.layer_damping(layer, damping))
+                   .to(grad.dtype)
                    if self.owns(layer) else torch.empty_like(grad))
             results.append((layer, grad, pre))
         broadcast_from_owners([pre for _, _, pre in results], [self.owner(la) for la in ready],

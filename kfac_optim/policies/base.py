@@ -114,6 +114,19 @@ class Inverse(ABC):
         """Tensors cached between steps (counted by ``nbytes``, never saved)."""
         return ()
 
+    def _g_trace(self) -> Tensor | float:
+        """tr(G) of the G this inverse applies (its eigenvalues, the complement of a thin
+        basis counting as ``rest``)."""
+        s_g, rest = self._g_eigenvalues()
+        return s_g.sum() + rest * (self.out_features - s_g.numel())
+
+    def kronecker_mean(self) -> float:
+        """``tr(A (x) G) / (d o) = (tr(A) / d) (tr(G) / o)``: the mean eigenvalue of the
+        Kronecker factorisation this inverse was computed from (after clipping), the unit of
+        ``damping_scale="relative"`` (docs/design.md, "Damping")."""
+        s_a = self.a.s
+        return float(s_a.sum()) / s_a.numel() * float(self._g_trace()) / self.out_features
+
     def diagnostics(self) -> dict[str, Any]:
         """``cond_A``, ``cond_G`` (after clipping; inf when singular), ``clipped_A``,
         ``clipped_G`` (eigenvalues raised by ``max_condition_number``), ``rank``, ``jitter``

@@ -71,6 +71,9 @@ class WoodburyInverse(Inverse):
     def _g_eigenvalues(self) -> tuple[Tensor | None, float]:
         return None, 0.0
 
+    def _g_trace(self) -> Tensor | float:
+        return self.trace_g
+
     def _caches(self) -> tuple:
         return () if self._solver is None else (self._solver[1][1],)
 
