@@ -19,8 +19,9 @@ order for a seed, linear warm-up over 5% of the steps then cosine to 10% of the 
 1. AdamW at each ``--adamw-lrs`` on seed 0; the lowest final held-out loss wins, and is
    rerun on the other ``--seeds``.
 2. K-FAC at its defaults with AdamW's best lr and weight decay,
-   ``KFAC(model, lr=best, weight_decay=wd, base=B)`` for each ``B`` in ``--bases``, on every
-   seed. ``--tune-kfac`` adds, per base, a grid over lr x damping on seed 0 whose best
+   ``KFAC(model, lr=best, weight_decay=wd)`` (``--bases defaults``, the default), and
+   optionally ``KFAC(model, lr=best, weight_decay=wd, base=B)`` for other bases ``B``, on
+   every seed. ``--tune-kfac`` adds, per base, a grid over lr x damping on seed 0 whose best
    point is rerun on every seed (off by default).
 3. Target: AdamW's mean final held-out loss over seeds. A run reaches it at the first
    held-out evaluation (every ``--eval-every`` steps) at or below it, with the step and
@@ -257,9 +258,9 @@ def bench_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:
     configs: dict[str, tuple[str, dict[str, Any]]] = {"adamw": ("adamw", best_hp)}
 
     # 2. K-FAC at its defaults, with AdamW's lr and weight decay; optionally tuned.
-    for base in args.bases:
-        hp = dict(lr=best_lr, weight_decay=wd, base=base)
-        label = f"kfac-{base}"
+    for base in args.bases:  # "defaults": KFAC(model, lr=best, weight_decay=wd), nothing else
+        hp = dict(lr=best_lr, weight_decay=wd, **({} if base == "defaults" else dict(base=base)))
+        label = "kfac" if base == "defaults" else f"kfac-{base}"
         configs[label] = ("kfac", hp)
         runs[label] = [_run(task, "kfac", hp, s, steps, eval_every) for s in seeds]
         if args.tune_kfac:
@@ -345,7 +346,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float,
                    help="AdamW's and K-FAC's (default: 0 for the LMs and the autoencoder, "
                    "0.1 for the CNN, the demo's tuned AdamW value)")
-    p.add_argument("--bases", default="sgd,adamw,grafting", help="K-FAC base updates")
+    p.add_argument("--bases", default="defaults",
+                   help="K-FAC runs: 'defaults' (every option at its default) and/or base "
+                        "updates sgd, adamw, grafting (everything else default)")
     p.add_argument("--tune-kfac", action="store_true",
                    help="also tune K-FAC per base over lr x damping on the first seed")
     p.add_argument("--time-steps", type=int, help="steps per interleaved timing block (100)")
@@ -360,8 +363,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.workloads or any(w not in WORKLOADS for w in args.workloads):
         p.error(f"--workloads {args.workloads}; accepted: {tuple(WORKLOADS)}")
     args.bases = [b.strip() for b in args.bases.split(",") if b.strip()]
-    if any(b not in ("sgd", "adamw", "grafting") for b in args.bases):
-        p.error(f"--bases {args.bases}; accepted: sgd, adamw, grafting")
+    if any(b not in ("defaults", "sgd", "adamw", "grafting") for b in args.bases):
+        p.error(f"--bases {args.bases}; accepted: defaults, sgd, adamw, grafting")
     args.seeds = ([int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds
                   else QUICK["seeds"] if args.quick else [0, 1, 2])
     args.adamw_lrs = _floats(args.adamw_lrs) if args.adamw_lrs else None
