@@ -6,6 +6,18 @@ the selected parameters (``n`` = their total number of entries, concatenated in
 (``functional_call``, ``jvp``, ``vjp``, ``grad``); no matrix is formed unless
 :meth:`LinearOperator.to_dense` is called.
 
+Block products. ``matmat(V)`` with ``V: (n, k)`` applies a curvature to ``k``
+vectors at once: per batch one reverse linearization (``vjp``: one forward pass,
+kept), the ``k`` Jacobian-vector products ``J V`` as one vectorized forward-mode
+pass (``torch.func.vmap`` over ``jvp``) and the ``k`` pullbacks ``J^T U`` as one
+vectorized backward pass (``vmap`` over the kept ``vjp``); the Hessian vectorizes
+forward-over-reverse ``jvp(grad)``. The result equals ``k`` single products up
+to rounding. Columns go in chunks of ``chunk_size`` (default
+``DEFAULT_CHUNK_SIZE = 32``; memory grows with ``chunk_size`` times the
+activations of one batch); ``chunk_size=1`` is the column loop. A model whose
+forward pass cannot be vectorized (``vmap`` raises) falls back to the column
+loop, once, for the operator's lifetime (``vectorized`` turns ``False``).
+
 Objective. For ``R`` valid rows ``r`` (samples, or tokens for sequence models)
 with model outputs ``f_r(theta)`` (``C`` entries) and per-row losses
 ``l_r = l(f_r, y_r)``, every operator is a curvature of the mean loss
@@ -67,7 +79,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, jvp, vjp
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kfac_optim.layers import IGNORE_INDEX, is_causal_lm
@@ -77,9 +89,11 @@ from ._validation import LANCZOS_DTYPES, check_choice, check_dtype, check_int, c
 CURVATURES = ("ggn", "fisher_mc", "empirical_fisher", "hessian")
 LOSSES = ("cross_entropy", "mse")
 DENSE_MAX_DIM = 8192
+DEFAULT_CHUNK_SIZE = 32
 
 __all__ = [
     "CURVATURES",
+    "DEFAULT_CHUNK_SIZE",
     "LOSSES",
     "CallableOperator",
     "CurvatureOperator",
@@ -152,7 +166,11 @@ class LinearOperator:
         return self._matvec(v.to(self.device, self.dtype).contiguous())
 
     def matmat(self, V: Tensor) -> Tensor:
-        """Return ``A V`` for ``V`` of shape ``(n, k)``, one product per column.
+        """Return ``A V`` for ``V`` of shape ``(n, k)``.
+
+        Curvature operators compute the ``k`` products together (see
+        :class:`CurvatureOperator`); other operators column by column, or as one
+        matrix product for :class:`DenseOperator`.
 
         Raises:
             TypeError: ``V`` is not a floating-point tensor.
@@ -164,7 +182,11 @@ class LinearOperator:
             raise ValueError(f"V must have shape ({self._n}, k); got {tuple(V.shape)}")
         if V.shape[1] == 0:
             return V.new_zeros(self._n, 0).to(self.device, self.dtype)
-        return torch.stack([self.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+        return self._matmat(V.to(self.device, self.dtype).contiguous())
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        """``A V`` for a checked ``(n, k)`` block; default: one :meth:`_matvec` per column."""
+        return torch.stack([self._matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
 
     def __matmul__(self, other: Tensor) -> Tensor:
         if isinstance(other, Tensor) and other.dim() == 2:
@@ -205,6 +227,9 @@ class DenseOperator(LinearOperator):
 
     def _matvec(self, v: Tensor) -> Tensor:
         return self.matrix @ v
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.matrix @ V
 
 
 class CallableOperator(LinearOperator):
@@ -677,12 +702,16 @@ class CurvatureOperator(LinearOperator):
             copy of the model (one extra model copy in memory).
         shift_labels: shift token labels by one (causal LM). ``None``: shift for
             dict batches of Hugging Face causal LMs only.
+        chunk_size: columns of a block product computed together (>= 1; default
+            ``DEFAULT_CHUNK_SIZE``); see the module docstring.
 
     Attributes:
         param_names: selected parameter names (flat-vector order).
         param_shapes: ``{name: shape}`` of the selected parameters, in that order.
         num_rows: ``R``, the number of valid rows (samples or tokens) in ``data``.
         num_batches: number of batches in ``data``.
+        chunk_size: the ``chunk_size`` argument.
+        vectorized: block products are vectorized (``False`` after a fallback).
         loss_name: ``"cross_entropy"``, ``"mse"`` or ``"callable"``.
         is_psd: whether the matrix is positive semi-definite by construction.
 
@@ -705,7 +734,10 @@ class CurvatureOperator(LinearOperator):
         loss_fn: str | Callable[[Tensor, Tensor], Tensor] | None = None,
         dtype: torch.dtype | None = None,
         shift_labels: bool | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
+        self.chunk_size = check_int("chunk_size", chunk_size)
+        self.vectorized = True
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         check_dtype("dtype", dtype)
@@ -826,6 +858,14 @@ class CurvatureOperator(LinearOperator):
         """Return ``sum over the batch's rows`` of the curvature times ``v``."""
         raise NotImplementedError
 
+    def _batch_block_product(self, batch: PreparedBatch, V: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``_batch_product`` of ``k`` tangents at once: ``V[name]: (k, *shape)``.
+
+        Default: ``vmap`` of :meth:`_batch_product`; subclasses share the
+        linearization between the ``k`` columns.
+        """
+        return vmap(lambda v: self._batch_product(batch, v))(V)
+
     def _matvec(self, v: Tensor) -> Tensor:
         tangent = self.unflatten(v)
         total = torch.zeros_like(v)
@@ -833,6 +873,38 @@ class CurvatureOperator(LinearOperator):
             for batch in self._batches:
                 total += self.flatten(self._batch_product(batch, tangent))
         return total / self._normalizer()
+
+    def _block(self, V: Tensor) -> Tensor:
+        """Vectorized ``A V`` for one chunk ``V: (n, k)``."""
+        rows = V.T.contiguous()
+        tangents, offset = {}, 0
+        for name in self.param_names:
+            size = self._params[name].numel()
+            tangents[name] = rows[:, offset : offset + size].view(-1, *self.param_shapes[name])
+            offset += size
+        total = torch.zeros_like(rows)
+        with torch.no_grad(), evaluation_mode(self._model):
+            for batch in self._batches:
+                out = self._batch_block_product(batch, tangents)
+                total += torch.cat(
+                    [out[name].reshape(rows.shape[0], -1) for name in self.param_names], dim=1
+                )
+        return total.T / self._normalizer()
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        chunks = []
+        for start in range(0, V.shape[1], self.chunk_size):
+            chunk = V[:, start : start + self.chunk_size]
+            if self.vectorized and chunk.shape[1] > 1:
+                try:
+                    chunks.append(self._block(chunk))
+                    continue
+                except RuntimeError:
+                    # An operation of the model has no batching rule that torch.func can
+                    # use (e.g. data-dependent control flow on a tangent): loop instead.
+                    self.vectorized = False
+            chunks.append(super()._matmat(chunk))
+        return torch.cat(chunks, dim=1)
 
     def gram_factor(self) -> Tensor:
         """Return ``V: (N, n)`` with ``A = V^T V`` (the Gram-trick factor).
@@ -888,6 +960,15 @@ class GGNOperator(CurvatureOperator):
         _, pullback = vjp(outputs, self._params)
         return pullback(self._loss.output_hvp(out, batch.targets, jv))[0]
 
+    def _batch_block_product(self, batch: PreparedBatch, V: dict[str, Tensor]) -> dict[str, Tensor]:
+        def outputs(p: dict) -> Tensor:
+            return batch.rows(self.call, p)
+
+        out, pullback = vjp(outputs, self._params)
+        JV = vmap(lambda v: jvp(outputs, (self._params,), (v,))[1])(V)
+        HJV = vmap(lambda u: self._loss.output_hvp(out, batch.targets, u))(JV)
+        return vmap(pullback)(HJV)[0]
+
     def gram_factor(self) -> Tensor:
         blocks = []
         with torch.no_grad(), evaluation_mode(self._model):
@@ -931,6 +1012,14 @@ class _GradientOuterProduct(CurvatureOperator):
         _, u = jvp(losses, (self._params,), (v,))
         _, pullback = vjp(losses, self._params)
         return pullback(u)[0]
+
+    def _batch_block_product(self, batch: PreparedBatch, V: dict[str, Tensor]) -> dict[str, Tensor]:
+        def losses(p: dict) -> Tensor:
+            return self._row_losses(batch, p)
+
+        _, pullback = vjp(losses, self._params)
+        U = vmap(lambda v: jvp(losses, (self._params,), (v,))[1])(V)
+        return vmap(pullback)(U)[0]
 
     def gram_factor(self) -> Tensor:
         with torch.no_grad(), evaluation_mode(self._model):
@@ -1018,11 +1107,12 @@ def make_operator(
     shift_labels: bool | None = None,
     mc_samples: int = 1,
     seed: int = 0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> CurvatureOperator:
     """Build the curvature operator named by ``curvature``.
 
     Args:
-        model, data, params, loss_fn, dtype, shift_labels: see
+        model, data, params, loss_fn, dtype, shift_labels, chunk_size: see
             :class:`CurvatureOperator`.
         curvature: one of ``"ggn"``, ``"fisher_mc"``, ``"empirical_fisher"``,
             ``"hessian"``.
@@ -1036,7 +1126,13 @@ def make_operator(
             :class:`CurvatureOperator`.
     """
     check_choice("curvature", curvature, CURVATURES)
-    kwargs = dict(params=params, loss_fn=loss_fn, dtype=dtype, shift_labels=shift_labels)
+    kwargs = dict(
+        params=params,
+        loss_fn=loss_fn,
+        dtype=dtype,
+        shift_labels=shift_labels,
+        chunk_size=chunk_size,
+    )
     if curvature == "fisher_mc":
         return FisherMCOperator(model, data, mc_samples=mc_samples, seed=seed, **kwargs)
     return _OPERATORS[curvature](model, data, **kwargs)
