@@ -13,7 +13,7 @@ Public API:
   reorthogonalization) and ``slq`` spectral densities.
 - :mod:`~fisher_metrics.spectrum`: ``gram_eigenvalues`` (Gram-trick spectra,
   whole or per parameter block, of Fisher-type operators).
-- :mod:`~fisher_metrics.trace`: ``hutchinson`` and ``hutch_plus_plus``.
+- :mod:`~fisher_metrics.trace`: ``hutchinson``, ``hutch_plus_plus`` and ``xtrace``.
 - :mod:`~fisher_metrics.capacity`: trace, effective rank, condition number,
   spectral gap / range, PAC-Bayes flatness.
 - :mod:`~fisher_metrics.representation` / :mod:`~fisher_metrics.kfac`:
@@ -89,7 +89,7 @@ from .operators import (
 from .reporting import build_report, report
 from .representation import FisherRepresentation, RepresentationOperator, TopEigenvalues
 from .spectrum import gram_eigenvalues
-from .trace import TraceEstimate, hutch_plus_plus, hutchinson
+from .trace import TraceEstimate, hutch_plus_plus, hutchinson, xtrace
 
 __all__ = [
     "AttentionSpec",
@@ -148,4 +148,5 @@ __all__ = [
     "symmetric_damage",
     "task_gradient",
     "top_eigenvalues",
+    "xtrace",
 ]
