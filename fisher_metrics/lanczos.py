@@ -226,6 +226,65 @@ def _run(
     return proc
 
 
+def _run_probes(
+    matmat: Callable[[Tensor], Tensor], V0: Tensor, steps: int, reorth: str
+) -> list[_Process]:
+    """Independent Lanczos runs from the columns of ``V0: (n, L)``, one block product per step.
+
+    The recurrence of :func:`_run` (``"full"`` or ``"none"`` reorthogonalization,
+    no restarts: a run whose ``beta`` falls below ``eps^(3/4) ||T||`` stops there),
+    for all ``L`` start vectors at once: step ``j`` applies the operator to the
+    ``(n, L')`` block of the runs still going. Basis memory: ``steps x n x L``.
+    """
+    n, count = V0.shape
+    eps = torch.finfo(V0.dtype).eps
+    basis = torch.zeros(steps, n, count, dtype=V0.dtype, device=V0.device)
+    basis[0] = V0 / V0.norm(dim=0)
+    alpha = torch.zeros(steps, count, dtype=torch.float64)
+    beta = torch.zeros(steps, count, dtype=torch.float64)
+    lengths = [steps] * count
+    anorm = torch.zeros(count, dtype=torch.float64)
+    active = torch.arange(count)
+    for j in range(steps):
+        everyone = len(active) == count
+        q = basis[j] if everyone else basis[j][:, active]
+        w = matmat(q)
+        a = (q * w).sum(dim=0)
+        w = w - a * q
+        if j > 0:
+            previous = basis[j - 1] if everyone else basis[j - 1][:, active]
+            w = w - beta[j - 1, active].to(w.device, w.dtype) * previous
+        if reorth == "full":
+            done = basis[: j + 1] if everyone else basis[: j + 1][:, :, active]
+            for _ in range(2):
+                w = w - torch.einsum("jnl,jl->nl", done, torch.einsum("jnl,nl->jl", done, w))
+        b = w.norm(dim=0).to("cpu", torch.float64)
+        a = a.to("cpu", torch.float64)
+        alpha[j, active] = a
+        previous_beta = beta[j - 1, active] if j > 0 else torch.zeros_like(b)
+        anorm[active] = torch.maximum(anorm[active], a.abs() + b + previous_beta)
+        beta[j, active] = b  # the last beta of every run is its ``last_beta``
+        if j + 1 == steps:
+            break
+        going = b > eps**0.75 * anorm[active]
+        for index in active[~going].tolist():
+            lengths[index] = j + 1
+        basis[j + 1][:, active[going]] = w[:, going] / b[going].to(w.device, w.dtype)
+        active = active[going]
+        if len(active) == 0:
+            break
+    return [
+        _Process(
+            alpha[:m, l].tolist(),
+            beta[: m - 1, l].tolist(),
+            basis[:m, :, l],
+            float(beta[m - 1, l]),
+            0,
+        )
+        for l, m in enumerate(lengths)
+    ]
+
+
 def _wanted_order(theta: Tensor, which: str) -> Tensor:
     return torch.argsort(theta, descending=(which == "largest"))
 
@@ -379,12 +438,8 @@ def lanczos(
         vectors = proc.basis.T @ coeffs
         vectors = vectors / vectors.norm(dim=0).clamp_min(torch.finfo(op.dtype).tiny)
     if check_ghosts:
-        explicit = torch.stack(
-            [
-                (op.matvec(vectors[:, i]) - float(values[i]) * vectors[:, i]).norm()
-                for i in range(len(chosen))
-            ]
-        ).to("cpu", torch.float64)
+        shifts = values.to(vectors.device, vectors.dtype)
+        explicit = (op.matmat(vectors) - vectors * shifts).norm(dim=0).to("cpu", torch.float64)
         num_matvecs += len(chosen)
         if reorth == "none":
             converged &= explicit <= tol * scale
@@ -513,13 +568,17 @@ def slq(
     probes: Tensor | None = None,
     reorth: str = "full",
     n: int | None = None,
+    block_size: int = 16,
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature estimate of the spectral density (Ubaru et al. 2017).
 
     For each unit probe ``v_l`` (Rademacher ``/ sqrt(n)``), ``m`` Lanczos steps give
     ``T_m = Y diag(theta) Y^T``; the nodes are ``theta_lk`` and the weights
     ``(e_1^T y_lk)^2 / n_v``. A probe whose Krylov space is invariant stops early
-    (its quadrature is then exact).
+    (its quadrature is then exact). With ``reorth`` ``"full"`` or ``"none"``, up to
+    ``block_size`` probes run together: each Lanczos step is one block product
+    (``operator.matmat``), which curvature operators vectorize; ``"periodic"``
+    runs the probes one after another.
 
     Args:
         operator: see :func:`lanczos`.
@@ -529,6 +588,8 @@ def slq(
         probes: optional ``(n, n_v)`` probe vectors (normalized here).
         reorth: ``"full"``, ``"periodic"`` or ``"none"``.
         n: vector length, required when ``operator`` is a callable.
+        block_size: probes run together (>= 1); the Lanczos bases take
+            ``block_size * lanczos_steps * n`` entries.
 
     Returns:
         A :class:`SpectralDensity` whose weights sum to 1.
@@ -547,13 +608,21 @@ def slq(
         probes = (2.0 * signs - 1.0).to(torch.float64)
     elif not isinstance(probes, Tensor) or probes.dim() != 2 or probes.shape[0] != size:
         raise ValueError(f"probes must be None or a tensor of shape ({size}, n_v)")
+    block_size = check_int("block_size", block_size)
     probes = probes.to(op.device, op.dtype)
+    zero = (probes.norm(dim=0) == 0).nonzero()
+    if len(zero):
+        raise ValueError(f"probe {int(zero[0])} is zero")
+    if reorth == "periodic":
+        runs = [_run(op.matvec, probe, steps, reorth, generator=None) for probe in probes.T]
+    else:
+        runs = []
+        for start in range(0, probes.shape[1], block_size):
+            block = probes[:, start : start + block_size]
+            runs += _run_probes(op.matmat, block, steps, reorth)
     nodes, weights, index = [], [], []
     num_matvecs = 0
-    for l in range(probes.shape[1]):
-        if float(probes[:, l].norm()) == 0.0:
-            raise ValueError(f"probe {l} is zero")
-        proc = _run(op.matvec, probes[:, l], steps, reorth, generator=None)
+    for l, proc in enumerate(runs):
         theta, Y, _ = proc.ritz()
         num_matvecs += len(proc.alpha)
         nodes.append(theta)

@@ -104,6 +104,7 @@ __all__ = [
     "GGNOperator",
     "HessianOperator",
     "LinearOperator",
+    "ObservedOperator",
     "PreparedBatch",
     "RowLoss",
     "as_operator",
@@ -252,6 +253,45 @@ class CallableOperator(LinearOperator):
         if not isinstance(out, Tensor) or out.shape != (self._n,):
             raise ValueError(f"the matvec callable must return a tensor of shape ({self._n},)")
         return out.to(self.device, self.dtype)
+
+
+class ObservedOperator(LinearOperator):
+    """``operator`` that calls ``on_products(k)`` after every product of ``k`` vectors.
+
+    For progress bars and product counts that keep block products: ``matvec``
+    reports ``1``, ``matmat`` of an ``(n, k)`` block reports ``k`` (one call per
+    block, the block computed as ``operator`` computes it).
+
+    Args:
+        operator: the :class:`LinearOperator` to observe.
+        on_products: ``k -> None``, e.g. ``tqdm(...).update``.
+
+    Raises:
+        TypeError: ``operator`` is not a :class:`LinearOperator` or ``on_products``
+            is not callable.
+    """
+
+    def __init__(self, operator: LinearOperator, on_products: Callable[[int], object]) -> None:
+        if not isinstance(operator, LinearOperator):
+            raise TypeError(
+                f"operator must be a fisher_metrics LinearOperator; got {type(operator).__name__}"
+            )
+        if not callable(on_products):
+            raise TypeError("on_products must be callable: k (products done) -> None")
+        super().__init__(operator.shape[0], operator.dtype, operator.device)
+        self.operator = operator
+        self._on_products = on_products
+        self.is_psd = getattr(operator, "is_psd", False)
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        out = self.operator._matvec(v)
+        self._on_products(1)
+        return out
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        out = self.operator._matmat(V)
+        self._on_products(V.shape[1])
+        return out
 
 
 def as_operator(

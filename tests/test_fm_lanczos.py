@@ -218,6 +218,65 @@ def test_slq_seeded_probes_and_gaussian_density():
     assert float(phi[0]) == pytest.approx(1 / math.sqrt(2 * math.pi))
 
 
+def _moments_exact(density, A, probes, steps):
+    """Gauss quadrature of each probe is exact up to degree 2 m - 1: check p <= 2 m - 1."""
+    Q = probes / probes.norm(dim=0)
+    for p in range(2 * steps):
+        same_probes = float(((Q * (torch.linalg.matrix_power(A, p) @ Q)).sum(0)).mean())
+        assert density.moment(p) == pytest.approx(same_probes, rel=1e-9, abs=1e-12)
+
+
+def test_slq_probes_in_blocks_equal_probes_one_by_one():
+    """Blocks of probes (one block product per step), including runs that stop early."""
+    generator = torch.Generator().manual_seed(8)
+    A = symmetric([3.0, 2.0, 2.0, 1.0] + [0.5] * 16 + torch.rand(20, generator=generator).tolist())
+    eigenvectors = torch.linalg.eigh(A).eigenvectors
+    probes = torch.cat(
+        [
+            (2.0 * torch.randint(0, 2, (40, 5), generator=generator) - 1).to(DTYPE),
+            eigenvectors[:, -1:],  # eigenvalue 3: invariant after one step
+            eigenvectors[:, -3:].sum(dim=1, keepdim=True),  # eigenvalues 3, 2, 2: after two
+        ],
+        dim=1,
+    )
+    steps = 6
+    for reorth in ("full", "none"):
+        together = fm.slq(A, probes=probes, lanczos_steps=steps, reorth=reorth, block_size=4)
+        alone = [
+            fm.slq(A, probes=probes[:, l : l + 1], lanczos_steps=steps, reorth=reorth)
+            for l in range(7)
+        ]
+        sequential = fm.slq(A, probes=probes, lanczos_steps=steps, reorth="periodic")
+        assert together.num_matvecs == sum(d.num_matvecs for d in alone) == 5 * steps + 1 + 2
+        assert torch.equal(together.probe, sequential.probe)
+        for l, one in enumerate(alone):
+            mine = together.probe == l
+            assert torch.allclose(together.nodes[mine], one.nodes, rtol=1e-10, atol=1e-12)
+            assert torch.allclose(together.weights[mine], one.weights / 7, rtol=1e-10, atol=1e-14)
+        assert torch.allclose(together.nodes, sequential.nodes, rtol=1e-8, atol=1e-10)
+        assert torch.allclose(together.weights, sequential.weights, rtol=1e-8, atol=1e-12)
+        _moments_exact(together, A, probes, 2)
+
+
+def test_slq_on_a_curvature_operator_uses_block_products():
+    model, batches, problem = mlp_problem("ce")
+    op = fm.make_operator(model, batches, "ggn")
+    calls = []
+    observed = fm.ObservedOperator(op, calls.append)
+    density = fm.slq(observed, num_probes=3, lanczos_steps=4, seed=2)
+    assert calls == [3, 3, 3, 3] and density.num_matvecs == 12
+    probes = 2.0 * torch.randint(0, 2, (53, 3), generator=torch.Generator().manual_seed(2)) - 1
+    _moments_exact(density, problem.ggn().detach(), probes.to(DTYPE), 4)
+
+
+def test_explicit_residuals_without_full_reorthogonalization():
+    A = symmetric(torch.linspace(1.0, 10.0, 30).tolist(), seed=6)
+    res = fm.lanczos(A, k=3, reorth="none", max_iter=30)
+    vectors = fm.lanczos(A, k=3, reorth="none", max_iter=30, return_vectors=True).eigenvectors
+    reference = (A @ vectors - vectors * res.eigenvalues).norm(dim=0)
+    assert torch.allclose(res.explicit_residuals, reference, rtol=1e-8, atol=1e-13)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
