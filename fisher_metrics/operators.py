@@ -12,7 +12,9 @@ kept), the ``k`` Jacobian-vector products ``J V`` as one vectorized forward-mode
 pass (``torch.func.vmap`` over ``jvp``) and the ``k`` pullbacks ``J^T U`` as one
 vectorized backward pass (``vmap`` over the kept ``vjp``); the Hessian vectorizes
 forward-over-reverse ``jvp(grad)``. The result equals ``k`` single products up
-to rounding. Columns go in chunks of ``chunk_size`` (default
+to rounding. ``quadratic_forms(Z)`` (``z_j^T A z_j``, what Hutchinson needs)
+skips the backward pass for the GGN and the Fisher: ``(J z)^T H (J z)`` and
+``||J_l z||^2``. Columns go in chunks of ``chunk_size`` (default
 ``DEFAULT_CHUNK_SIZE = 32``; memory grows with ``chunk_size`` times the
 activations of one batch); ``chunk_size=1`` is the column loop. A model whose
 forward pass cannot be vectorized (``vmap`` raises) falls back to the column
@@ -189,6 +191,31 @@ class LinearOperator:
         """``A V`` for a checked ``(n, k)`` block; default: one :meth:`_matvec` per column."""
         return torch.stack([self._matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
 
+    def quadratic_forms(self, Z: Tensor) -> Tensor:
+        """Return the ``k`` quadratic forms ``z_j^T A z_j`` of the columns of ``Z: (n, k)``.
+
+        What Hutchinson-type estimators need. Default: ``(Z * A Z).sum(0)``; the GGN
+        and the (empirical / sampled) Fisher compute them from Jacobian-vector
+        products alone (``(J z)^T H (J z)``, ``||J_l z||^2``: forward passes, no
+        backward pass), about half the cost of the products.
+
+        Returns:
+            ``(k,)`` tensor in the operator's dtype and device.
+
+        Raises:
+            TypeError / ValueError: as for :meth:`matmat`.
+        """
+        if not isinstance(Z, Tensor) or not Z.is_floating_point():
+            raise TypeError(f"Z must be a floating-point torch.Tensor of shape ({self._n}, k)")
+        if Z.dim() != 2 or Z.shape[0] != self._n:
+            raise ValueError(f"Z must have shape ({self._n}, k); got {tuple(Z.shape)}")
+        if Z.shape[1] == 0:
+            return torch.zeros(0, dtype=self.dtype, device=self.device)
+        return self._quadratic_forms(Z.to(self.device, self.dtype).contiguous())
+
+    def _quadratic_forms(self, Z: Tensor) -> Tensor:
+        return (Z * self._matmat(Z)).sum(dim=0)
+
     def __matmul__(self, other: Tensor) -> Tensor:
         if isinstance(other, Tensor) and other.dim() == 2:
             return self.matmat(other)
@@ -259,8 +286,9 @@ class ObservedOperator(LinearOperator):
     """``operator`` that calls ``on_products(k)`` after every product of ``k`` vectors.
 
     For progress bars and product counts that keep block products: ``matvec``
-    reports ``1``, ``matmat`` of an ``(n, k)`` block reports ``k`` (one call per
-    block, the block computed as ``operator`` computes it).
+    reports ``1``, ``matmat`` of an ``(n, k)`` block (and ``quadratic_forms`` of
+    ``k`` vectors) reports ``k``, one call per block, computed as ``operator``
+    computes it.
 
     Args:
         operator: the :class:`LinearOperator` to observe.
@@ -291,6 +319,11 @@ class ObservedOperator(LinearOperator):
     def _matmat(self, V: Tensor) -> Tensor:
         out = self.operator._matmat(V)
         self._on_products(V.shape[1])
+        return out
+
+    def _quadratic_forms(self, Z: Tensor) -> Tensor:
+        out = self.operator._quadratic_forms(Z)
+        self._on_products(Z.shape[1])
         return out
 
 
@@ -906,6 +939,17 @@ class CurvatureOperator(LinearOperator):
         """
         return vmap(lambda v: self._batch_product(batch, v))(V)
 
+    def _batch_block_forms(self, batch: PreparedBatch, V: dict[str, Tensor]) -> Tensor:
+        """``(k,)`` sums over the batch's rows of ``v_j^T (row curvature) v_j``.
+
+        Default: from :meth:`_batch_block_product`.
+        """
+        products = self._batch_block_product(batch, V)
+        return sum(
+            (products[name] * V[name]).reshape(products[name].shape[0], -1).sum(dim=1)
+            for name in self.param_names
+        )
+
     def _matvec(self, v: Tensor) -> Tensor:
         tangent = self.unflatten(v)
         total = torch.zeros_like(v)
@@ -914,37 +958,60 @@ class CurvatureOperator(LinearOperator):
                 total += self.flatten(self._batch_product(batch, tangent))
         return total / self._normalizer()
 
-    def _block(self, V: Tensor) -> Tensor:
-        """Vectorized ``A V`` for one chunk ``V: (n, k)``."""
+    def _tangents(self, V: Tensor) -> dict[str, Tensor]:
+        """``V: (n, k)`` as ``{name: (k, *shape)}`` (views of one ``(k, n)`` copy)."""
         rows = V.T.contiguous()
         tangents, offset = {}, 0
         for name in self.param_names:
             size = self._params[name].numel()
             tangents[name] = rows[:, offset : offset + size].view(-1, *self.param_shapes[name])
             offset += size
-        total = torch.zeros_like(rows)
+        return tangents
+
+    def _block(self, V: Tensor) -> Tensor:
+        """Vectorized ``A V`` for one chunk ``V: (n, k)``."""
+        tangents = self._tangents(V)
+        total = torch.zeros(V.shape[1], V.shape[0], dtype=V.dtype, device=V.device)
         with torch.no_grad(), evaluation_mode(self._model):
             for batch in self._batches:
                 out = self._batch_block_product(batch, tangents)
                 total += torch.cat(
-                    [out[name].reshape(rows.shape[0], -1) for name in self.param_names], dim=1
+                    [out[name].reshape(V.shape[1], -1) for name in self.param_names], 1
                 )
         return total.T / self._normalizer()
 
-    def _matmat(self, V: Tensor) -> Tensor:
+    def _block_forms(self, V: Tensor) -> Tensor:
+        """Vectorized ``(k,)`` quadratic forms of one chunk ``V: (n, k)``."""
+        tangents = self._tangents(V)
+        with torch.no_grad(), evaluation_mode(self._model):
+            total = sum(self._batch_block_forms(batch, tangents) for batch in self._batches)
+        return total / self._normalizer()
+
+    def _chunked(self, V: Tensor, block: Callable, loop: Callable) -> Tensor:
+        """``block`` on chunks of ``chunk_size`` columns (``loop`` for single columns and
+        after a fallback), concatenated along the last dimension."""
         chunks = []
         for start in range(0, V.shape[1], self.chunk_size):
             chunk = V[:, start : start + self.chunk_size]
             if self.vectorized and chunk.shape[1] > 1:
                 try:
-                    chunks.append(self._block(chunk))
+                    chunks.append(block(chunk))
                     continue
                 except RuntimeError:
                     # An operation of the model has no batching rule that torch.func can
                     # use (e.g. data-dependent control flow on a tangent): loop instead.
                     self.vectorized = False
-            chunks.append(super()._matmat(chunk))
-        return torch.cat(chunks, dim=1)
+            chunks.append(loop(chunk))
+        return torch.cat(chunks, dim=-1)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self._chunked(V, self._block, super()._matmat)
+
+    def _quadratic_forms(self, Z: Tensor) -> Tensor:
+        def loop(chunk: Tensor) -> Tensor:
+            return (chunk * LinearOperator._matmat(self, chunk)).sum(dim=0)
+
+        return self._chunked(Z, self._block_forms, loop)
 
     def gram_factor(self) -> Tensor:
         """Return ``V: (N, n)`` with ``A = V^T V`` (the Gram-trick factor).
@@ -1009,6 +1076,16 @@ class GGNOperator(CurvatureOperator):
         HJV = vmap(lambda u: self._loss.output_hvp(out, batch.targets, u))(JV)
         return vmap(pullback)(HJV)[0]
 
+    def _batch_block_forms(self, batch: PreparedBatch, V: dict[str, Tensor]) -> Tensor:
+        def outputs(p: dict) -> Tensor:
+            return batch.rows(self.call, p)
+
+        def forward(v: dict[str, Tensor]) -> Tensor:
+            out, jv = jvp(outputs, (self._params,), (v,))
+            return (jv * self._loss.output_hvp(out, batch.targets, jv)).sum()
+
+        return vmap(forward)(V)
+
     def gram_factor(self) -> Tensor:
         blocks = []
         with torch.no_grad(), evaluation_mode(self._model):
@@ -1060,6 +1137,12 @@ class _GradientOuterProduct(CurvatureOperator):
         _, pullback = vjp(losses, self._params)
         U = vmap(lambda v: jvp(losses, (self._params,), (v,))[1])(V)
         return vmap(pullback)(U)[0]
+
+    def _batch_block_forms(self, batch: PreparedBatch, V: dict[str, Tensor]) -> Tensor:
+        def losses(p: dict) -> Tensor:
+            return self._row_losses(batch, p)
+
+        return vmap(lambda v: jvp(losses, (self._params,), (v,))[1].pow(2).sum())(V)
 
     def gram_factor(self) -> Tensor:
         with torch.no_grad(), evaluation_mode(self._model):

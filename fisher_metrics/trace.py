@@ -29,7 +29,11 @@ all). It is exact when ``rank(A) < m/2`` and its error falls as ``O(1/m)`` on
 fast-decaying spectra, below Hutch++'s at equal products.
 
 Products come in blocks (``operator.matmat``), which curvature operators
-vectorize (:mod:`fisher_metrics.operators`). Standard errors are the sample
+vectorize, and Hutchinson's quadratic forms ``z^T A z`` (all of Hutchinson, the
+``tr(Q^T A Q)`` and residual parts of Hutch++) come from
+``operator.quadratic_forms``, which for the GGN and the Fisher needs forward passes
+only (:mod:`fisher_metrics.operators`). A "product" in the budgets below is one
+product or one quadratic form. Standard errors are the sample
 standard deviation of the stochastic part over ``sqrt(#probes)``; confidence
 intervals use the normal approximation.
 """
@@ -126,7 +130,8 @@ def _products(op: LinearOperator, Z: Tensor) -> Tensor:
 
 
 def _quadratic_forms(op: LinearOperator, Z: Tensor) -> Tensor:
-    return (Z * _products(op, Z)).sum(dim=0)
+    """``z_j^T A z_j`` of the columns of ``Z`` (one block), on the CPU in float64."""
+    return op.quadratic_forms(Z.to(op.device, op.dtype)).to("cpu", torch.float64)
 
 
 def hutchinson(

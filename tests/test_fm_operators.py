@@ -347,3 +347,35 @@ def test_chunk_size_is_checked():
         fm.make_operator(model, batches, "ggn", chunk_size=0)
     with pytest.raises(TypeError, match="chunk_size"):
         fm.make_operator(model, batches, "ggn", chunk_size=2.5)
+
+
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_quadratic_forms_equal_dense_mlp_and_tiny_gpt2(curvature):
+    generator = torch.Generator().manual_seed(4)
+    model, batches, problem = mlp_problem("mse")
+    op = fm.make_operator(model, batches, curvature, mc_samples=2, seed=3, chunk_size=4)
+    Z = torch.randn(53, 9, generator=generator, dtype=DTYPE)
+    dense = problem.dense(curvature, op)
+    assert relative_error(op.quadratic_forms(Z), (Z * (dense @ Z)).sum(0)) <= TOL
+    model, batch, problem = gpt2_problem(GPT2_NAMES)
+    op = fm.make_operator(model, batch, curvature, params=GPT2_PARAMS, seed=5)
+    Z = torch.randn(88, 6, generator=generator, dtype=DTYPE)
+    dense = problem.dense(curvature, op)
+    assert relative_error(op.quadratic_forms(Z), (Z * (dense @ Z)).sum(0)) <= TOL
+    assert op.quadratic_forms(Z[:, :0]).shape == (0,)
+
+
+def test_quadratic_forms_fall_back_and_observe():
+    model = _SquareNet()
+    batches = mlp_batches("mse")
+    op = fm.make_operator(model, batches, "ggn")
+    Z = torch.randn(53, 4, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    reference = fm.make_operator(_PlainSquare(model.inner), batches, "ggn").to_dense()
+    calls = []
+    forms = fm.ObservedOperator(op, calls.append).quadratic_forms(Z)
+    assert not op.vectorized and calls == [4]
+    assert relative_error(forms, (Z * (reference @ Z)).sum(0)) <= TOL
+    with pytest.raises(ValueError, match="Z must have shape"):
+        op.quadratic_forms(torch.zeros(52, 2, dtype=DTYPE))
+    with pytest.raises(TypeError, match="operator must be a fisher_metrics LinearOperator"):
+        fm.ObservedOperator(torch.eye(3), print)
