@@ -70,7 +70,15 @@ from .importance import (
     task_gradient,
 )
 from .kfac import KFACFisher
-from .lanczos import LanczosResult, SpectralDensity, gaussian_density, lanczos, slq
+from .lanczos import (
+    BlockLanczosResult,
+    LanczosResult,
+    SpectralDensity,
+    block_lanczos,
+    gaussian_density,
+    lanczos,
+    slq,
+)
 from .operators import (
     CURVATURES,
     CallableOperator,
@@ -108,6 +116,7 @@ __all__ = [
     "GroupFisher",
     "HessianOperator",
     "KFACFisher",
+    "BlockLanczosResult",
     "LanczosResult",
     "LinearOperator",
     "ObservedOperator",
@@ -124,6 +133,7 @@ __all__ = [
     "condition_number",
     "detect_conflicts",
     "effective_rank",
+    "block_lanczos",
     "ewc_penalty",
     "fisher_overlap",
     "forgetting_damage",

@@ -277,6 +277,60 @@ def test_explicit_residuals_without_full_reorthogonalization():
     assert torch.allclose(res.explicit_residuals, reference, rtol=1e-8, atol=1e-13)
 
 
+# --------------------------------------------------------------------------- block Lanczos
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+@pytest.mark.parametrize("block_size", [1, 3, 5])
+def test_block_lanczos_dense_with_a_triple_eigenvalue(which, block_size):
+    spectrum = torch.cat([torch.tensor([9.0, 7.0, 7.0, 7.0, 5.0]), torch.linspace(-1, 3, 95)])
+    A = symmetric(spectrum.tolist(), seed=3)
+    res = fm.block_lanczos(A, k=5, which=which, block_size=block_size, seed=1, return_vectors=True)
+    reference = torch.sort(spectrum.to(DTYPE), descending=which == "largest").values[:5]
+    assert torch.allclose(res.eigenvalues, reference, rtol=1e-8, atol=1e-12)
+    assert res.all_converged and res.block_size == block_size
+    U = res.eigenvectors
+    assert torch.allclose(U.T @ U, torch.eye(5, dtype=DTYPE), atol=1e-8)
+    true_residuals = (A @ U - U * res.eigenvalues).norm(dim=0)
+    assert torch.allclose(res.residuals, true_residuals, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_block_lanczos_on_curvature_operators_uses_block_products(curvature):
+    model, batches, problem = mlp_problem("ce")
+    calls = []
+    op = fm.ObservedOperator(fm.make_operator(model, batches, curvature), calls.append)
+    res = fm.block_lanczos(op, k=4, block_size=4)
+    values = torch.linalg.eigvalsh(problem.dense(curvature).detach()).flip(0)[:4]
+    assert float(((res.eigenvalues - values).abs() / values.abs()).max()) <= 1e-8
+    assert calls[0] == 4 and sum(calls) == res.num_matvecs and len(calls) == res.iterations
+
+
+def test_block_lanczos_restarts_after_an_invariant_subspace():
+    A = symmetric([4.0, 4.0, 1.0, 1.0, 1.0, 0.0], seed=2)  # 3 distinct values
+    res = fm.block_lanczos(A, k=6, block_size=1, max_matvecs=6)
+    assert torch.allclose(
+        res.eigenvalues, torch.tensor([4.0, 4, 1, 1, 1, 0], dtype=DTYPE), atol=1e-10
+    )
+    assert res.restarts >= 1 and res.num_matvecs == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(k=11), ValueError, "k must be <= n"),
+        (dict(block_size=0), ValueError, "block_size must be an integer >= 1"),
+        (dict(block_size=11), ValueError, "block_size must be <= n"),
+        (dict(k=4, max_matvecs=3), ValueError, "max_matvecs must be >= max"),
+        (dict(which="top"), ValueError, "which must be one of"),
+        (dict(tol=0.0), ValueError, "tol must be"),
+    ],
+)
+def test_block_lanczos_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fm.block_lanczos(symmetric(list(range(10))), **kwargs)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
