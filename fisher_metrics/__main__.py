@@ -88,9 +88,10 @@ def default_threads() -> int:
     (``os.sched_getaffinity``) less the processes that are running beside it
     (``/proc/loadavg``; the 1-minute load average where that file is missing),
     capped at torch's default. OpenMP threads that share a core with a busy
-    process stall each other at every parallel region: beside one busy loop on 2
-    cores the report took 71.8 s at torch's default of 2 threads and 16.9 s at 1
-    (benchmarks/README.md, "Threads"). Without any load information: torch's default.
+    process stall each other at every parallel region (reported: 71.8 s for the
+    report at torch's default against 16.9 s with ``--threads 1`` beside one other
+    process; measured in benchmarks/README.md, "Threads"). Without any load
+    information: torch's default.
 
     Returns:
         An integer >= 1.

@@ -15,7 +15,7 @@ forward-over-reverse ``jvp(grad)``. The result equals ``k`` single products up
 to rounding. ``quadratic_forms(Z)`` (``z_j^T A z_j``, what Hutchinson needs)
 skips the backward pass for the GGN and the Fisher: ``(J z)^T H (J z)`` and
 ``||J_l z||^2``. Columns go in chunks of ``chunk_size`` (default
-``DEFAULT_CHUNK_SIZE = 32``; memory grows with ``chunk_size`` times the
+``DEFAULT_CHUNK_SIZE = 64``; memory grows with ``chunk_size`` times the
 activations of one batch); ``chunk_size=1`` is the column loop. A model whose
 forward pass cannot be vectorized (``vmap`` raises) falls back to the column
 loop, once, for the operator's lifetime (``vectorized`` turns ``False``).
@@ -91,7 +91,7 @@ from ._validation import LANCZOS_DTYPES, check_choice, check_dtype, check_int, c
 CURVATURES = ("ggn", "fisher_mc", "empirical_fisher", "hessian")
 LOSSES = ("cross_entropy", "mse")
 DENSE_MAX_DIM = 8192
-DEFAULT_CHUNK_SIZE = 32
+DEFAULT_CHUNK_SIZE = 64
 
 __all__ = [
     "CURVATURES",
