@@ -13,7 +13,7 @@ Public API:
   reorthogonalization) and ``slq`` spectral densities.
 - :mod:`~fisher_metrics.spectrum`: ``gram_eigenvalues`` (Gram-trick spectra,
   whole or per parameter block, of Fisher-type operators).
-- :mod:`~fisher_metrics.trace`: ``hutchinson`` and ``hutch_plus_plus``.
+- :mod:`~fisher_metrics.trace`: ``hutchinson``, ``hutch_plus_plus`` and ``xtrace``.
 - :mod:`~fisher_metrics.capacity`: trace, effective rank, condition number,
   spectral gap / range, PAC-Bayes flatness.
 - :mod:`~fisher_metrics.representation` / :mod:`~fisher_metrics.kfac`:
@@ -73,7 +73,15 @@ from .importance import (
     task_gradient,
 )
 from .kfac import KFACFisher
-from .lanczos import LanczosResult, SpectralDensity, gaussian_density, lanczos, slq
+from .lanczos import (
+    BlockLanczosResult,
+    LanczosResult,
+    SpectralDensity,
+    block_lanczos,
+    gaussian_density,
+    lanczos,
+    slq,
+)
 from .operators import (
     CURVATURES,
     CallableOperator,
@@ -85,6 +93,7 @@ from .operators import (
     GGNOperator,
     HessianOperator,
     LinearOperator,
+    ObservedOperator,
     as_operator,
     make_operator,
     resolve_parameters,
@@ -92,7 +101,7 @@ from .operators import (
 from .reporting import build_report, report
 from .representation import FisherRepresentation, RepresentationOperator, TopEigenvalues
 from .spectrum import gram_eigenvalues
-from .trace import TraceEstimate, hutch_plus_plus, hutchinson
+from .trace import TraceEstimate, hutch_plus_plus, hutchinson, xtrace
 
 __all__ = [
     "AttentionSpec",
@@ -110,8 +119,10 @@ __all__ = [
     "GroupFisher",
     "HessianOperator",
     "KFACFisher",
+    "BlockLanczosResult",
     "LanczosResult",
     "LinearOperator",
+    "ObservedOperator",
     "OnlineEWC",
     "RepresentationOperator",
     "SpectralDensity",
@@ -125,6 +136,7 @@ __all__ = [
     "condition_number",
     "detect_conflicts",
     "effective_rank",
+    "block_lanczos",
     "ewc_penalty",
     "fisher_overlap",
     "fit_factors",
@@ -152,4 +164,5 @@ __all__ = [
     "symmetric_damage",
     "task_gradient",
     "top_eigenvalues",
+    "xtrace",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,10 +87,58 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--dtype", choices=DTYPES, default=None,
                      help="dtype of the exact products (default: the model's)")
     rep.add_argument("--seed", type=int, default=0, help="seed of Lanczos starts and SLQ probes")
-    rep.add_argument("--threads", type=int, default=None,
-                     help="torch CPU threads (default: torch's)")
+    rep.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: OMP_NUM_THREADS if set, else the cores not busy "
+        "with other processes; see default_threads)",
+    )
     rep.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
+
+
+def _busy_elsewhere() -> float | None:
+    """Runnable processes other than this one now (``/proc/loadavg``), else the 1-min load."""
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+        return max(0, running - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def default_threads() -> int:
+    """The CLI's torch CPU thread count when ``--threads`` is not given.
+
+    ``OMP_NUM_THREADS`` when set (torch reads it already). Otherwise
+    ``max(1, min(torch default, cores - busy))``: the cores this process may use
+    (``os.sched_getaffinity``) less the processes that are running beside it
+    (``/proc/loadavg``; the 1-minute load average where that file is missing),
+    capped at torch's default. OpenMP threads that share a core with a busy
+    process stall each other at every parallel region (reported: 71.8 s for the
+    report at torch's default against 16.9 s with ``--threads 1`` beside one other
+    process; measured in benchmarks/README.md, "Threads"). Without any load
+    information: torch's default.
+
+    Returns:
+        An integer >= 1.
+    """
+    import torch
+
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    default = torch.get_num_threads()
+    busy = _busy_elsewhere()
+    if busy is None:
+        return default
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(default, int((cores or 1) - round(busy))))
 
 
 def _resolve_paths(model_path: Path, state: str | None) -> tuple[Path, Path | None]:
@@ -183,6 +232,8 @@ def _model_class(transformers, model_dir: Path):
 
 def run_report(args: argparse.Namespace) -> list:
     """Load the model, K-FAC state and data named by ``args`` and write the report."""
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be an integer >= 1; got {args.threads}")
     model_dir, state_path = _resolve_paths(Path(args.model), args.kfac_state)
     import torch
 
@@ -198,10 +249,7 @@ def run_report(args: argparse.Namespace) -> list:
             raise ValueError(f"{flag} applies to fitted factors, but a K-FAC state was given or "
                              f"found ({str(state_path)!r}): nothing is fitted")
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be an integer >= 1; got {args.threads}")
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(default_threads() if args.threads is None else args.threads)
 
     model = _model_class(transformers, model_dir).from_pretrained(model_dir).eval()
     data = _load_data(args.data, model, args)

@@ -68,8 +68,10 @@ DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 __all__ = [
     "REORTH",
     "WHICH",
+    "BlockLanczosResult",
     "LanczosResult",
     "SpectralDensity",
+    "block_lanczos",
     "gaussian_density",
     "lanczos",
     "slq",
@@ -226,6 +228,65 @@ def _run(
     return proc
 
 
+def _run_probes(
+    matmat: Callable[[Tensor], Tensor], V0: Tensor, steps: int, reorth: str
+) -> list[_Process]:
+    """Independent Lanczos runs from the columns of ``V0: (n, L)``, one block product per step.
+
+    The recurrence of :func:`_run` (``"full"`` or ``"none"`` reorthogonalization,
+    no restarts: a run whose ``beta`` falls below ``eps^(3/4) ||T||`` stops there),
+    for all ``L`` start vectors at once: step ``j`` applies the operator to the
+    ``(n, L')`` block of the runs still going. Basis memory: ``steps x n x L``.
+    """
+    n, count = V0.shape
+    eps = torch.finfo(V0.dtype).eps
+    basis = torch.zeros(steps, n, count, dtype=V0.dtype, device=V0.device)
+    basis[0] = V0 / V0.norm(dim=0)
+    alpha = torch.zeros(steps, count, dtype=torch.float64)
+    beta = torch.zeros(steps, count, dtype=torch.float64)
+    lengths = [steps] * count
+    anorm = torch.zeros(count, dtype=torch.float64)
+    active = torch.arange(count)
+    for j in range(steps):
+        everyone = len(active) == count
+        q = basis[j] if everyone else basis[j][:, active]
+        w = matmat(q)
+        a = (q * w).sum(dim=0)
+        w = w - a * q
+        if j > 0:
+            previous = basis[j - 1] if everyone else basis[j - 1][:, active]
+            w = w - beta[j - 1, active].to(w.device, w.dtype) * previous
+        if reorth == "full":
+            done = basis[: j + 1] if everyone else basis[: j + 1][:, :, active]
+            for _ in range(2):
+                w = w - torch.einsum("jnl,jl->nl", done, torch.einsum("jnl,nl->jl", done, w))
+        b = w.norm(dim=0).to("cpu", torch.float64)
+        a = a.to("cpu", torch.float64)
+        alpha[j, active] = a
+        previous_beta = beta[j - 1, active] if j > 0 else torch.zeros_like(b)
+        anorm[active] = torch.maximum(anorm[active], a.abs() + b + previous_beta)
+        beta[j, active] = b  # the last beta of every run is its ``last_beta``
+        if j + 1 == steps:
+            break
+        going = b > eps**0.75 * anorm[active]
+        for index in active[~going].tolist():
+            lengths[index] = j + 1
+        basis[j + 1][:, active[going]] = w[:, going] / b[going].to(w.device, w.dtype)
+        active = active[going]
+        if len(active) == 0:
+            break
+    return [
+        _Process(
+            alpha[:m, l].tolist(),
+            beta[: m - 1, l].tolist(),
+            basis[:m, :, l],
+            float(beta[m - 1, l]),
+            0,
+        )
+        for l, m in enumerate(lengths)
+    ]
+
+
 def _wanted_order(theta: Tensor, which: str) -> Tensor:
     return torch.argsort(theta, descending=(which == "largest"))
 
@@ -379,12 +440,8 @@ def lanczos(
         vectors = proc.basis.T @ coeffs
         vectors = vectors / vectors.norm(dim=0).clamp_min(torch.finfo(op.dtype).tiny)
     if check_ghosts:
-        explicit = torch.stack(
-            [
-                (op.matvec(vectors[:, i]) - float(values[i]) * vectors[:, i]).norm()
-                for i in range(len(chosen))
-            ]
-        ).to("cpu", torch.float64)
+        shifts = values.to(vectors.device, vectors.dtype)
+        explicit = (op.matmat(vectors) - vectors * shifts).norm(dim=0).to("cpu", torch.float64)
         num_matvecs += len(chosen)
         if reorth == "none":
             converged &= explicit <= tol * scale
@@ -406,6 +463,193 @@ def lanczos(
         scale=scale,
         which=which,
         reorth=reorth,
+    )
+
+
+# --------------------------------------------------------------------------- block Lanczos
+
+
+@dataclass
+class BlockLanczosResult:
+    """Outcome of :func:`block_lanczos`.
+
+    Attributes:
+        eigenvalues: ``(k_c,)`` float64 wanted Ritz values, most extreme first.
+        residuals: ``(k_c,)`` true residual norms ``||A u - theta u||`` of the unit
+            Ritz vectors (eigenvalue units).
+        converged: ``(k_c,)`` bool, residual ``<= tol * max|theta|``.
+        eigenvectors: ``(n, k_c)`` unit Ritz vectors (operator dtype) or ``None``.
+        ritz_values: ``(m,)`` all Ritz values, ascending (``m`` basis vectors).
+        iterations: block steps taken.
+        num_matvecs: operator products used (sum of the block widths).
+        block_size: ``b``, the width of the start block.
+        deflated: Krylov directions dropped as (numerically) dependent.
+        restarts: fresh random blocks taken after an invariant subspace.
+        tol, scale, which: as in :class:`LanczosResult`.
+    """
+
+    eigenvalues: Tensor
+    residuals: Tensor
+    converged: Tensor
+    eigenvectors: Tensor | None
+    ritz_values: Tensor
+    iterations: int
+    num_matvecs: int
+    block_size: int
+    deflated: int
+    restarts: int
+    tol: float
+    scale: float
+    which: str
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all()) and self.converged.numel() > 0
+
+
+def _extend_basis(Q: Tensor, W: Tensor, reference: Tensor) -> tuple[Tensor, int]:
+    """Orthonormal columns spanning ``W`` off ``range(Q)``, dependent ones dropped.
+
+    Block classical Gram-Schmidt against ``Q`` twice, then column by column
+    (twice) within the block; a column whose norm falls below ``sqrt(eps)`` times
+    its ``reference`` norm is dependent and dropped. Returns the new columns and the
+    number dropped.
+    """
+    eps = torch.finfo(W.dtype).eps
+    for _ in range(2):
+        W = W - Q @ (Q.T @ W)
+    kept: list[Tensor] = []
+    for j in range(W.shape[1]):
+        w = W[:, j]
+        for _ in range(2):
+            for q in kept:
+                w = w - (q @ w) * q
+        norm = float(w.norm())
+        if norm > eps**0.5 * max(float(reference[j]), torch.finfo(W.dtype).tiny):
+            kept.append(w / norm)
+    if not kept:
+        return W[:, :0], W.shape[1]
+    return torch.stack(kept, dim=1), W.shape[1] - len(kept)
+
+
+def block_lanczos(
+    operator: LinearOperator | Tensor | Callable[[Tensor], Tensor],
+    *,
+    k: int = 6,
+    which: str = "largest",
+    block_size: int | None = None,
+    max_matvecs: int | None = None,
+    tol: float | None = None,
+    seed: int = 0,
+    n: int | None = None,
+    return_vectors: bool = False,
+) -> BlockLanczosResult:
+    """Extreme eigenvalues by block Lanczos with full reorthogonalization (block products).
+
+    Golub & Underwood 1977 ("The block Lanczos method for computing eigenvalues"):
+    from an orthonormal random ``n x b`` block ``X_1``, each step applies the
+    operator to the newest block (one ``operator.matmat``), orthogonalizes
+    ``A X_j`` against the whole basis twice and orthonormalizes it into
+    ``X_{j+1}`` (dependent directions are deflated; an invariant subspace restarts
+    from a fresh random block). The Ritz pairs come from ``H = Q^T A Q`` with the
+    stored products ``A Q`` (block tridiagonal in exact arithmetic), and each
+    wanted pair's residual ``||A Q y - theta Q y||`` is computed from them exactly,
+    so reported residuals are true residuals. It stops when the ``k`` wanted pairs
+    have residual ``<= tol * max|theta|`` or after ``max_matvecs`` products.
+    Memory: two ``n x m`` blocks (basis and products) for ``m`` basis vectors. A
+    block of ``b`` vectors finds eigenvalues of multiplicity up to ``b`` without
+    restarts, and ``b`` products at once cost much less than ``b`` single ones
+    for curvature operators.
+
+    Args:
+        operator: see :func:`lanczos`.
+        k: wanted eigenvalues, ``1 <= k <= n``.
+        which: ``"largest"`` or ``"smallest"`` (algebraic).
+        block_size: ``b >= 1`` (default ``min(k, n)``).
+        max_matvecs: product budget (``>= b``; default ``min(n, max(10 k, 100))``,
+            as :func:`lanczos`' ``max_iter``).
+        tol: relative residual tolerance (default ``1e-10`` for float64 operators,
+            ``1e-5`` for float32).
+        seed: seed of the CPU generator for the start and restart blocks.
+        n: vector length, required when ``operator`` is a callable.
+        return_vectors: also return the unit Ritz vectors.
+
+    Returns:
+        A :class:`BlockLanczosResult`.
+
+    Raises:
+        TypeError: an argument of the wrong type.
+        ValueError: ``k > n``, ``block_size`` or ``max_matvecs`` out of range,
+            unknown ``which``, unsupported dtype.
+    """
+    op = _lanczos_operator(operator, n)
+    size = op.shape[0]
+    which = check_choice("which", which, WHICH)
+    k = check_int("k", k)
+    if k > size:
+        raise ValueError(f"k must be <= n = {size}; got {k}")
+    b = min(k, size) if block_size is None else check_int("block_size", block_size)
+    if b > size:
+        raise ValueError(f"block_size must be <= n = {size}; got {b}")
+    budget = (
+        min(size, max(10 * k, 100))
+        if max_matvecs is None
+        else check_int("max_matvecs", max_matvecs)
+    )
+    if budget < max(b, k):
+        raise ValueError(f"max_matvecs must be >= max(k, block_size) = {max(b, k)}; got {budget}")
+    tol = DEFAULT_TOL[op.dtype] if tol is None else check_positive_float("tol", tol)
+    generator = torch.Generator().manual_seed(check_seed("seed", seed))
+
+    def fresh(count: int) -> Tensor:
+        block = torch.randn(size, count, generator=generator, dtype=torch.float64)
+        return block.to(op.device, op.dtype)
+
+    Q = torch.zeros(size, 0, dtype=op.dtype, device=op.device)
+    AQ = torch.zeros_like(Q)
+    X, deflated = _extend_basis(Q, fresh(b), torch.full((b,), float(size) ** 0.5))
+    restarts = iterations = 0
+    while True:
+        room = min(budget, size) - Q.shape[1]
+        if X.shape[1] == 0:
+            if room <= 0:
+                break
+            width = min(b, room)
+            X, _ = _extend_basis(Q, fresh(width), torch.full((width,), float(size) ** 0.5))
+            restarts += 1
+            if X.shape[1] == 0:
+                break
+        X = X[:, :room]
+        AX = op.matmat(X)
+        iterations += 1
+        Q, AQ = torch.cat([Q, X], dim=1), torch.cat([AQ, AX], dim=1)
+        H = Q.T @ AQ
+        theta, Y = torch.linalg.eigh(0.5 * (H + H.T))
+        wanted = _wanted_order(theta, which)[: min(k, Q.shape[1])]
+        Yk = Y[:, wanted]
+        vectors = Q @ Yk
+        residuals = (AQ @ Yk - vectors * theta[wanted]).norm(dim=0)
+        scale = float(theta.abs().max())
+        done = len(wanted) == k and bool((residuals <= tol * scale).all())
+        if done or Q.shape[1] >= min(budget, size):
+            break
+        X, dropped = _extend_basis(Q, AX, AX.norm(dim=0))
+        deflated += dropped
+    residuals = residuals.to("cpu", torch.float64)
+    return BlockLanczosResult(
+        eigenvalues=theta[wanted].to("cpu", torch.float64),
+        residuals=residuals,
+        converged=residuals <= tol * scale,
+        eigenvectors=vectors if return_vectors else None,
+        ritz_values=theta.to("cpu", torch.float64),
+        iterations=iterations,
+        num_matvecs=Q.shape[1],
+        block_size=b,
+        deflated=deflated,
+        restarts=restarts,
+        tol=tol,
+        scale=scale,
+        which=which,
     )
 
 
@@ -513,13 +757,17 @@ def slq(
     probes: Tensor | None = None,
     reorth: str = "full",
     n: int | None = None,
+    block_size: int = 16,
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature estimate of the spectral density (Ubaru et al. 2017).
 
     For each unit probe ``v_l`` (Rademacher ``/ sqrt(n)``), ``m`` Lanczos steps give
     ``T_m = Y diag(theta) Y^T``; the nodes are ``theta_lk`` and the weights
     ``(e_1^T y_lk)^2 / n_v``. A probe whose Krylov space is invariant stops early
-    (its quadrature is then exact).
+    (its quadrature is then exact). With ``reorth`` ``"full"`` or ``"none"``, up to
+    ``block_size`` probes run together: each Lanczos step is one block product
+    (``operator.matmat``), which curvature operators vectorize; ``"periodic"``
+    runs the probes one after another.
 
     Args:
         operator: see :func:`lanczos`.
@@ -529,6 +777,8 @@ def slq(
         probes: optional ``(n, n_v)`` probe vectors (normalized here).
         reorth: ``"full"``, ``"periodic"`` or ``"none"``.
         n: vector length, required when ``operator`` is a callable.
+        block_size: probes run together (>= 1); the Lanczos bases take
+            ``block_size * lanczos_steps * n`` entries.
 
     Returns:
         A :class:`SpectralDensity` whose weights sum to 1.
@@ -547,13 +797,21 @@ def slq(
         probes = (2.0 * signs - 1.0).to(torch.float64)
     elif not isinstance(probes, Tensor) or probes.dim() != 2 or probes.shape[0] != size:
         raise ValueError(f"probes must be None or a tensor of shape ({size}, n_v)")
+    block_size = check_int("block_size", block_size)
     probes = probes.to(op.device, op.dtype)
+    zero = (probes.norm(dim=0) == 0).nonzero()
+    if len(zero):
+        raise ValueError(f"probe {int(zero[0])} is zero")
+    if reorth == "periodic":
+        runs = [_run(op.matvec, probe, steps, reorth, generator=None) for probe in probes.T]
+    else:
+        runs = []
+        for start in range(0, probes.shape[1], block_size):
+            block = probes[:, start : start + block_size]
+            runs += _run_probes(op.matmat, block, steps, reorth)
     nodes, weights, index = [], [], []
     num_matvecs = 0
-    for l in range(probes.shape[1]):
-        if float(probes[:, l].norm()) == 0.0:
-            raise ValueError(f"probe {l} is zero")
-        proc = _run(op.matvec, probes[:, l], steps, reorth, generator=None)
+    for l, proc in enumerate(runs):
         theta, Y, _ = proc.ritz()
         num_matvecs += len(proc.alpha)
         nodes.append(theta)

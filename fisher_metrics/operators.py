@@ -6,6 +6,20 @@ the selected parameters (``n`` = their total number of entries, concatenated in
 (``functional_call``, ``jvp``, ``vjp``, ``grad``); no matrix is formed unless
 :meth:`LinearOperator.to_dense` is called.
 
+Block products. ``matmat(V)`` with ``V: (n, k)`` applies a curvature to ``k``
+vectors at once: per batch one reverse linearization (``vjp``: one forward pass,
+kept), the ``k`` Jacobian-vector products ``J V`` as one vectorized forward-mode
+pass (``torch.func.vmap`` over ``jvp``) and the ``k`` pullbacks ``J^T U`` as one
+vectorized backward pass (``vmap`` over the kept ``vjp``); the Hessian vectorizes
+forward-over-reverse ``jvp(grad)``. The result equals ``k`` single products up
+to rounding. ``quadratic_forms(Z)`` (``z_j^T A z_j``, what Hutchinson needs)
+skips the backward pass for the GGN and the Fisher: ``(J z)^T H (J z)`` and
+``||J_l z||^2``. Columns go in chunks of ``chunk_size`` (default
+``DEFAULT_CHUNK_SIZE = 64``; memory grows with ``chunk_size`` times the
+activations of one batch); ``chunk_size=1`` is the column loop. A model whose
+forward pass cannot be vectorized (``vmap`` raises) falls back to the column
+loop, once, for the operator's lifetime (``vectorized`` turns ``False``).
+
 Objective. For ``R`` valid rows ``r`` (samples, or tokens for sequence models)
 with model outputs ``f_r(theta)`` (``C`` entries) and per-row losses
 ``l_r = l(f_r, y_r)``, every operator is a curvature of the mean loss
@@ -67,7 +81,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, jvp, vjp
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kfac_optim.layers import IGNORE_INDEX, is_causal_lm
@@ -77,9 +91,11 @@ from ._validation import LANCZOS_DTYPES, check_choice, check_dtype, check_int, c
 CURVATURES = ("ggn", "fisher_mc", "empirical_fisher", "hessian")
 LOSSES = ("cross_entropy", "mse")
 DENSE_MAX_DIM = 8192
+DEFAULT_CHUNK_SIZE = 64
 
 __all__ = [
     "CURVATURES",
+    "DEFAULT_CHUNK_SIZE",
     "LOSSES",
     "CallableOperator",
     "CurvatureOperator",
@@ -90,6 +106,7 @@ __all__ = [
     "GGNOperator",
     "HessianOperator",
     "LinearOperator",
+    "ObservedOperator",
     "PreparedBatch",
     "RowLoss",
     "as_operator",
@@ -152,7 +169,11 @@ class LinearOperator:
         return self._matvec(v.to(self.device, self.dtype).contiguous())
 
     def matmat(self, V: Tensor) -> Tensor:
-        """Return ``A V`` for ``V`` of shape ``(n, k)``, one product per column.
+        """Return ``A V`` for ``V`` of shape ``(n, k)``.
+
+        Curvature operators compute the ``k`` products together (see
+        :class:`CurvatureOperator`); other operators column by column, or as one
+        matrix product for :class:`DenseOperator`.
 
         Raises:
             TypeError: ``V`` is not a floating-point tensor.
@@ -164,7 +185,36 @@ class LinearOperator:
             raise ValueError(f"V must have shape ({self._n}, k); got {tuple(V.shape)}")
         if V.shape[1] == 0:
             return V.new_zeros(self._n, 0).to(self.device, self.dtype)
-        return torch.stack([self.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+        return self._matmat(V.to(self.device, self.dtype).contiguous())
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        """``A V`` for a checked ``(n, k)`` block; default: one :meth:`_matvec` per column."""
+        return torch.stack([self._matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+
+    def quadratic_forms(self, Z: Tensor) -> Tensor:
+        """Return the ``k`` quadratic forms ``z_j^T A z_j`` of the columns of ``Z: (n, k)``.
+
+        What Hutchinson-type estimators need. Default: ``(Z * A Z).sum(0)``; the GGN
+        and the (empirical / sampled) Fisher compute them from Jacobian-vector
+        products alone (``(J z)^T H (J z)``, ``||J_l z||^2``: forward passes, no
+        backward pass), about half the cost of the products.
+
+        Returns:
+            ``(k,)`` tensor in the operator's dtype and device.
+
+        Raises:
+            TypeError / ValueError: as for :meth:`matmat`.
+        """
+        if not isinstance(Z, Tensor) or not Z.is_floating_point():
+            raise TypeError(f"Z must be a floating-point torch.Tensor of shape ({self._n}, k)")
+        if Z.dim() != 2 or Z.shape[0] != self._n:
+            raise ValueError(f"Z must have shape ({self._n}, k); got {tuple(Z.shape)}")
+        if Z.shape[1] == 0:
+            return torch.zeros(0, dtype=self.dtype, device=self.device)
+        return self._quadratic_forms(Z.to(self.device, self.dtype).contiguous())
+
+    def _quadratic_forms(self, Z: Tensor) -> Tensor:
+        return (Z * self._matmat(Z)).sum(dim=0)
 
     def __matmul__(self, other: Tensor) -> Tensor:
         if isinstance(other, Tensor) and other.dim() == 2:
@@ -206,6 +256,9 @@ class DenseOperator(LinearOperator):
     def _matvec(self, v: Tensor) -> Tensor:
         return self.matrix @ v
 
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.matrix @ V
+
 
 class CallableOperator(LinearOperator):
     """Wrap a function ``v -> A v`` on ``(n,)`` tensors as a :class:`LinearOperator`."""
@@ -227,6 +280,51 @@ class CallableOperator(LinearOperator):
         if not isinstance(out, Tensor) or out.shape != (self._n,):
             raise ValueError(f"the matvec callable must return a tensor of shape ({self._n},)")
         return out.to(self.device, self.dtype)
+
+
+class ObservedOperator(LinearOperator):
+    """``operator`` that calls ``on_products(k)`` after every product of ``k`` vectors.
+
+    For progress bars and product counts that keep block products: ``matvec``
+    reports ``1``, ``matmat`` of an ``(n, k)`` block (and ``quadratic_forms`` of
+    ``k`` vectors) reports ``k``, one call per block, computed as ``operator``
+    computes it.
+
+    Args:
+        operator: the :class:`LinearOperator` to observe.
+        on_products: ``k -> None``, e.g. ``tqdm(...).update``.
+
+    Raises:
+        TypeError: ``operator`` is not a :class:`LinearOperator` or ``on_products``
+            is not callable.
+    """
+
+    def __init__(self, operator: LinearOperator, on_products: Callable[[int], object]) -> None:
+        if not isinstance(operator, LinearOperator):
+            raise TypeError(
+                f"operator must be a fisher_metrics LinearOperator; got {type(operator).__name__}"
+            )
+        if not callable(on_products):
+            raise TypeError("on_products must be callable: k (products done) -> None")
+        super().__init__(operator.shape[0], operator.dtype, operator.device)
+        self.operator = operator
+        self._on_products = on_products
+        self.is_psd = getattr(operator, "is_psd", False)
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        out = self.operator._matvec(v)
+        self._on_products(1)
+        return out
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        out = self.operator._matmat(V)
+        self._on_products(V.shape[1])
+        return out
+
+    def _quadratic_forms(self, Z: Tensor) -> Tensor:
+        out = self.operator._quadratic_forms(Z)
+        self._on_products(Z.shape[1])
+        return out
 
 
 def as_operator(
@@ -677,12 +775,16 @@ class CurvatureOperator(LinearOperator):
             copy of the model (one extra model copy in memory).
         shift_labels: shift token labels by one (causal LM). ``None``: shift for
             dict batches of Hugging Face causal LMs only.
+        chunk_size: columns of a block product computed together (>= 1; default
+            ``DEFAULT_CHUNK_SIZE``); see the module docstring.
 
     Attributes:
         param_names: selected parameter names (flat-vector order).
         param_shapes: ``{name: shape}`` of the selected parameters, in that order.
         num_rows: ``R``, the number of valid rows (samples or tokens) in ``data``.
         num_batches: number of batches in ``data``.
+        chunk_size: the ``chunk_size`` argument.
+        vectorized: block products are vectorized (``False`` after a fallback).
         loss_name: ``"cross_entropy"``, ``"mse"`` or ``"callable"``.
         is_psd: whether the matrix is positive semi-definite by construction.
 
@@ -705,7 +807,10 @@ class CurvatureOperator(LinearOperator):
         loss_fn: str | Callable[[Tensor, Tensor], Tensor] | None = None,
         dtype: torch.dtype | None = None,
         shift_labels: bool | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
+        self.chunk_size = check_int("chunk_size", chunk_size)
+        self.vectorized = True
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         check_dtype("dtype", dtype)
@@ -826,6 +931,25 @@ class CurvatureOperator(LinearOperator):
         """Return ``sum over the batch's rows`` of the curvature times ``v``."""
         raise NotImplementedError
 
+    def _batch_block_product(self, batch: PreparedBatch, V: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``_batch_product`` of ``k`` tangents at once: ``V[name]: (k, *shape)``.
+
+        Default: ``vmap`` of :meth:`_batch_product`; subclasses share the
+        linearization between the ``k`` columns.
+        """
+        return vmap(lambda v: self._batch_product(batch, v))(V)
+
+    def _batch_block_forms(self, batch: PreparedBatch, V: dict[str, Tensor]) -> Tensor:
+        """``(k,)`` sums over the batch's rows of ``v_j^T (row curvature) v_j``.
+
+        Default: from :meth:`_batch_block_product`.
+        """
+        products = self._batch_block_product(batch, V)
+        return sum(
+            (products[name] * V[name]).reshape(products[name].shape[0], -1).sum(dim=1)
+            for name in self.param_names
+        )
+
     def _matvec(self, v: Tensor) -> Tensor:
         tangent = self.unflatten(v)
         total = torch.zeros_like(v)
@@ -833,6 +957,61 @@ class CurvatureOperator(LinearOperator):
             for batch in self._batches:
                 total += self.flatten(self._batch_product(batch, tangent))
         return total / self._normalizer()
+
+    def _tangents(self, V: Tensor) -> dict[str, Tensor]:
+        """``V: (n, k)`` as ``{name: (k, *shape)}`` (views of one ``(k, n)`` copy)."""
+        rows = V.T.contiguous()
+        tangents, offset = {}, 0
+        for name in self.param_names:
+            size = self._params[name].numel()
+            tangents[name] = rows[:, offset : offset + size].view(-1, *self.param_shapes[name])
+            offset += size
+        return tangents
+
+    def _block(self, V: Tensor) -> Tensor:
+        """Vectorized ``A V`` for one chunk ``V: (n, k)``."""
+        tangents = self._tangents(V)
+        total = torch.zeros(V.shape[1], V.shape[0], dtype=V.dtype, device=V.device)
+        with torch.no_grad(), evaluation_mode(self._model):
+            for batch in self._batches:
+                out = self._batch_block_product(batch, tangents)
+                total += torch.cat(
+                    [out[name].reshape(V.shape[1], -1) for name in self.param_names], 1
+                )
+        return total.T / self._normalizer()
+
+    def _block_forms(self, V: Tensor) -> Tensor:
+        """Vectorized ``(k,)`` quadratic forms of one chunk ``V: (n, k)``."""
+        tangents = self._tangents(V)
+        with torch.no_grad(), evaluation_mode(self._model):
+            total = sum(self._batch_block_forms(batch, tangents) for batch in self._batches)
+        return total / self._normalizer()
+
+    def _chunked(self, V: Tensor, block: Callable, loop: Callable) -> Tensor:
+        """``block`` on chunks of ``chunk_size`` columns (``loop`` for single columns and
+        after a fallback), concatenated along the last dimension."""
+        chunks = []
+        for start in range(0, V.shape[1], self.chunk_size):
+            chunk = V[:, start : start + self.chunk_size]
+            if self.vectorized and chunk.shape[1] > 1:
+                try:
+                    chunks.append(block(chunk))
+                    continue
+                except RuntimeError:
+                    # An operation of the model has no batching rule that torch.func can
+                    # use (e.g. data-dependent control flow on a tangent): loop instead.
+                    self.vectorized = False
+            chunks.append(loop(chunk))
+        return torch.cat(chunks, dim=-1)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self._chunked(V, self._block, super()._matmat)
+
+    def _quadratic_forms(self, Z: Tensor) -> Tensor:
+        def loop(chunk: Tensor) -> Tensor:
+            return (chunk * LinearOperator._matmat(self, chunk)).sum(dim=0)
+
+        return self._chunked(Z, self._block_forms, loop)
 
     def gram_factor(self) -> Tensor:
         """Return ``V: (N, n)`` with ``A = V^T V`` (the Gram-trick factor).
@@ -888,6 +1067,25 @@ class GGNOperator(CurvatureOperator):
         _, pullback = vjp(outputs, self._params)
         return pullback(self._loss.output_hvp(out, batch.targets, jv))[0]
 
+    def _batch_block_product(self, batch: PreparedBatch, V: dict[str, Tensor]) -> dict[str, Tensor]:
+        def outputs(p: dict) -> Tensor:
+            return batch.rows(self.call, p)
+
+        out, pullback = vjp(outputs, self._params)
+        JV = vmap(lambda v: jvp(outputs, (self._params,), (v,))[1])(V)
+        HJV = vmap(lambda u: self._loss.output_hvp(out, batch.targets, u))(JV)
+        return vmap(pullback)(HJV)[0]
+
+    def _batch_block_forms(self, batch: PreparedBatch, V: dict[str, Tensor]) -> Tensor:
+        def outputs(p: dict) -> Tensor:
+            return batch.rows(self.call, p)
+
+        def forward(v: dict[str, Tensor]) -> Tensor:
+            out, jv = jvp(outputs, (self._params,), (v,))
+            return (jv * self._loss.output_hvp(out, batch.targets, jv)).sum()
+
+        return vmap(forward)(V)
+
     def gram_factor(self) -> Tensor:
         blocks = []
         with torch.no_grad(), evaluation_mode(self._model):
@@ -931,6 +1129,20 @@ class _GradientOuterProduct(CurvatureOperator):
         _, u = jvp(losses, (self._params,), (v,))
         _, pullback = vjp(losses, self._params)
         return pullback(u)[0]
+
+    def _batch_block_product(self, batch: PreparedBatch, V: dict[str, Tensor]) -> dict[str, Tensor]:
+        def losses(p: dict) -> Tensor:
+            return self._row_losses(batch, p)
+
+        _, pullback = vjp(losses, self._params)
+        U = vmap(lambda v: jvp(losses, (self._params,), (v,))[1])(V)
+        return vmap(pullback)(U)[0]
+
+    def _batch_block_forms(self, batch: PreparedBatch, V: dict[str, Tensor]) -> Tensor:
+        def losses(p: dict) -> Tensor:
+            return self._row_losses(batch, p)
+
+        return vmap(lambda v: jvp(losses, (self._params,), (v,))[1].pow(2).sum())(V)
 
     def gram_factor(self) -> Tensor:
         with torch.no_grad(), evaluation_mode(self._model):
@@ -1018,11 +1230,12 @@ def make_operator(
     shift_labels: bool | None = None,
     mc_samples: int = 1,
     seed: int = 0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> CurvatureOperator:
     """Build the curvature operator named by ``curvature``.
 
     Args:
-        model, data, params, loss_fn, dtype, shift_labels: see
+        model, data, params, loss_fn, dtype, shift_labels, chunk_size: see
             :class:`CurvatureOperator`.
         curvature: one of ``"ggn"``, ``"fisher_mc"``, ``"empirical_fisher"``,
             ``"hessian"``.
@@ -1036,7 +1249,13 @@ def make_operator(
             :class:`CurvatureOperator`.
     """
     check_choice("curvature", curvature, CURVATURES)
-    kwargs = dict(params=params, loss_fn=loss_fn, dtype=dtype, shift_labels=shift_labels)
+    kwargs = dict(
+        params=params,
+        loss_fn=loss_fn,
+        dtype=dtype,
+        shift_labels=shift_labels,
+        chunk_size=chunk_size,
+    )
     if curvature == "fisher_mc":
         return FisherMCOperator(model, data, mc_samples=mc_samples, seed=seed, **kwargs)
     return _OPERATORS[curvature](model, data, **kwargs)

@@ -58,7 +58,7 @@ from .data import BYTE_VOCAB_SIZE, corpus_tokens, lm_batches, tokenizer_corpus_t
 from .eigenvalues import top_eigenvalues
 from .kfac import BY_DESIGN, KFACFisher
 from .lanczos import gaussian_density, slq
-from .operators import CallableOperator, make_operator
+from .operators import ObservedOperator, make_operator
 
 __all__ = [
     "PLOT_FILES",
@@ -218,16 +218,6 @@ def _progress(progress: bool, total: int, desc: str):
     if not progress:
         return _NoBar()
     return _tqdm()(total=total, desc=desc, leave=False)
-
-
-def _counting(op, bar) -> CallableOperator:
-    """``op`` whose every product advances the progress bar ``bar``."""
-
-    def matvec(v: Tensor) -> Tensor:
-        bar.update(1)
-        return op.matvec(v)
-
-    return CallableOperator(matvec, op.shape[0], dtype=op.dtype, device=op.device)
 
 
 # --------------------------------------------------------------------------- build
@@ -462,7 +452,7 @@ def build_report(
         op = make_operator(model, data, "ggn", dtype=dtype, loss_fn=loss_fn)
         steps = min(slq_steps, op.shape[0])
         bar = _progress(progress, slq_probes * steps, "fisher_metrics: SLQ")
-        density = slq(_counting(op, bar), num_probes=slq_probes, lanczos_steps=steps, seed=seed)
+        density = slq(ObservedOperator(op, bar.update), num_probes=slq_probes, lanczos_steps=steps, seed=seed)
         bar.close()
         grid, phi, sigma = _psd_density(density.nodes, density.weights)
         slq_result = {

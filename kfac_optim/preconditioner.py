@@ -342,7 +342,7 @@ class KFACPreconditioner:
         """
         self._placement.reduce_statistics(self._layers, self.steps)
         before = {name: layer.a.updates for name, layer in self._layers.items()}
-        self._update_factors()
+        self._update_factors(self.options.at("factor_decay", self.steps))
         return [name for name, layer in self._layers.items() if layer.a.updates > before[name]]
 
     def _check_hooked(self) -> None:

@@ -219,6 +219,119 @@ def test_slq_seeded_probes_and_gaussian_density():
     assert float(phi[0]) == pytest.approx(1 / math.sqrt(2 * math.pi))
 
 
+def _moments_exact(density, A, probes, steps):
+    """Gauss quadrature of each probe is exact up to degree 2 m - 1: check p <= 2 m - 1."""
+    Q = probes / probes.norm(dim=0)
+    for p in range(2 * steps):
+        same_probes = float(((Q * (torch.linalg.matrix_power(A, p) @ Q)).sum(0)).mean())
+        assert density.moment(p) == pytest.approx(same_probes, rel=1e-9, abs=1e-12)
+
+
+def test_slq_probes_in_blocks_equal_probes_one_by_one():
+    """Blocks of probes (one block product per step), including runs that stop early."""
+    generator = torch.Generator().manual_seed(8)
+    A = symmetric([3.0, 2.0, 2.0, 1.0] + [0.5] * 16 + torch.rand(20, generator=generator).tolist())
+    eigenvectors = torch.linalg.eigh(A).eigenvectors
+    probes = torch.cat(
+        [
+            (2.0 * torch.randint(0, 2, (40, 5), generator=generator) - 1).to(DTYPE),
+            eigenvectors[:, -1:],  # eigenvalue 3: invariant after one step
+            eigenvectors[:, -3:].sum(dim=1, keepdim=True),  # eigenvalues 3, 2, 2: after two
+        ],
+        dim=1,
+    )
+    steps = 6
+    for reorth in ("full", "none"):
+        together = fm.slq(A, probes=probes, lanczos_steps=steps, reorth=reorth, block_size=4)
+        alone = [
+            fm.slq(A, probes=probes[:, l : l + 1], lanczos_steps=steps, reorth=reorth)
+            for l in range(7)
+        ]
+        sequential = fm.slq(A, probes=probes, lanczos_steps=steps, reorth="periodic")
+        assert together.num_matvecs == sum(d.num_matvecs for d in alone) == 5 * steps + 1 + 2
+        assert torch.equal(together.probe, sequential.probe)
+        for l, one in enumerate(alone):
+            mine = together.probe == l
+            assert torch.allclose(together.nodes[mine], one.nodes, rtol=1e-10, atol=1e-12)
+            assert torch.allclose(together.weights[mine], one.weights / 7, rtol=1e-10, atol=1e-14)
+        assert torch.allclose(together.nodes, sequential.nodes, rtol=1e-8, atol=1e-10)
+        assert torch.allclose(together.weights, sequential.weights, rtol=1e-8, atol=1e-12)
+        _moments_exact(together, A, probes, 2)
+
+
+def test_slq_on_a_curvature_operator_uses_block_products():
+    model, batches, problem = mlp_problem("ce")
+    op = fm.make_operator(model, batches, "ggn")
+    calls = []
+    observed = fm.ObservedOperator(op, calls.append)
+    density = fm.slq(observed, num_probes=3, lanczos_steps=4, seed=2)
+    assert calls == [3, 3, 3, 3] and density.num_matvecs == 12
+    probes = 2.0 * torch.randint(0, 2, (53, 3), generator=torch.Generator().manual_seed(2)) - 1
+    _moments_exact(density, problem.ggn().detach(), probes.to(DTYPE), 4)
+
+
+def test_explicit_residuals_without_full_reorthogonalization():
+    A = symmetric(torch.linspace(1.0, 10.0, 30).tolist(), seed=6)
+    res = fm.lanczos(A, k=3, reorth="none", max_iter=30)
+    vectors = fm.lanczos(A, k=3, reorth="none", max_iter=30, return_vectors=True).eigenvectors
+    reference = (A @ vectors - vectors * res.eigenvalues).norm(dim=0)
+    assert torch.allclose(res.explicit_residuals, reference, rtol=1e-8, atol=1e-13)
+
+
+# --------------------------------------------------------------------------- block Lanczos
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+@pytest.mark.parametrize("block_size", [1, 3, 5])
+def test_block_lanczos_dense_with_a_triple_eigenvalue(which, block_size):
+    spectrum = torch.cat([torch.tensor([9.0, 7.0, 7.0, 7.0, 5.0]), torch.linspace(-1, 3, 95)])
+    A = symmetric(spectrum.tolist(), seed=3)
+    res = fm.block_lanczos(A, k=5, which=which, block_size=block_size, seed=1, return_vectors=True)
+    reference = torch.sort(spectrum.to(DTYPE), descending=which == "largest").values[:5]
+    assert torch.allclose(res.eigenvalues, reference, rtol=1e-8, atol=1e-12)
+    assert res.all_converged and res.block_size == block_size
+    U = res.eigenvectors
+    assert torch.allclose(U.T @ U, torch.eye(5, dtype=DTYPE), atol=1e-8)
+    true_residuals = (A @ U - U * res.eigenvalues).norm(dim=0)
+    assert torch.allclose(res.residuals, true_residuals, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_block_lanczos_on_curvature_operators_uses_block_products(curvature):
+    model, batches, problem = mlp_problem("ce")
+    calls = []
+    op = fm.ObservedOperator(fm.make_operator(model, batches, curvature), calls.append)
+    res = fm.block_lanczos(op, k=4, block_size=4)
+    values = torch.linalg.eigvalsh(problem.dense(curvature).detach()).flip(0)[:4]
+    assert float(((res.eigenvalues - values).abs() / values.abs()).max()) <= 1e-8
+    assert calls[0] == 4 and sum(calls) == res.num_matvecs and len(calls) == res.iterations
+
+
+def test_block_lanczos_restarts_after_an_invariant_subspace():
+    A = symmetric([4.0, 4.0, 1.0, 1.0, 1.0, 0.0], seed=2)  # 3 distinct values
+    res = fm.block_lanczos(A, k=6, block_size=1, max_matvecs=6)
+    assert torch.allclose(
+        res.eigenvalues, torch.tensor([4.0, 4, 1, 1, 1, 0], dtype=DTYPE), atol=1e-10
+    )
+    assert res.restarts >= 1 and res.num_matvecs == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(k=11), ValueError, "k must be <= n"),
+        (dict(block_size=0), ValueError, "block_size must be an integer >= 1"),
+        (dict(block_size=11), ValueError, "block_size must be <= n"),
+        (dict(k=4, max_matvecs=3), ValueError, "max_matvecs must be >= max"),
+        (dict(which="top"), ValueError, "which must be one of"),
+        (dict(tol=0.0), ValueError, "tol must be"),
+    ],
+)
+def test_block_lanczos_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fm.block_lanczos(symmetric(list(range(10))), **kwargs)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -253,3 +253,129 @@ def test_public_batch_api():
     with pytest.raises(fm.EmptyBatchError) as err:
         fm.make_operator(model, (batches[0][0], torch.full((3,), -100)))
     assert isinstance(err.value, ValueError)
+
+
+# --------------------------------------------------------------------------- block products
+
+
+def _columns(op, V):
+    return torch.stack([op.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+
+
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_block_product_equals_single_products_and_dense_mlp(curvature):
+    model, batches, problem = mlp_problem("ce")
+    op = fm.make_operator(model, batches, curvature, mc_samples=2, seed=3, chunk_size=3)
+    V = torch.randn(53, 7, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    block = op.matmat(V)  # chunks of 3, 3 and 1 columns
+    assert op.vectorized
+    assert relative_error(block, _columns(op, V)) <= TOL
+    assert relative_error(block, problem.dense(curvature, op) @ V) <= TOL
+    whole = fm.make_operator(model, batches, curvature, mc_samples=2, seed=3, chunk_size=64)
+    assert relative_error(whole.matmat(V), block) <= TOL
+
+
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_block_product_equals_single_products_and_dense_tiny_gpt2(curvature):
+    model, batch, problem = gpt2_problem(GPT2_NAMES)
+    op = fm.make_operator(model, batch, curvature, params=GPT2_PARAMS, seed=5)
+    V = torch.randn(88, 5, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    block = op.matmat(V)
+    assert op.vectorized
+    assert relative_error(block, _columns(op, V)) <= TOL
+    assert relative_error(block, problem.dense(curvature, op) @ V) <= TOL
+
+
+class _SquareNoVmap(torch.autograd.Function):
+    """``x * x`` with forward and reverse derivatives but no vmap rule."""
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        return 2 * x * t
+
+
+class _SquareNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = mlp()
+
+    def forward(self, x):
+        return _SquareNoVmap.apply(self.inner(x))
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_block_product_falls_back_to_the_column_loop(curvature):
+    model = _SquareNet()
+    batches = mlp_batches("mse")
+    op = fm.make_operator(model, batches, curvature)
+    V = torch.randn(53, 4, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
+    block = op.matmat(V)
+    assert not op.vectorized
+    assert relative_error(block, _columns(op, V)) <= TOL
+    # independent reference: the same model written without the custom Function
+    reference = fm.make_operator(_PlainSquare(model.inner), batches, curvature)
+    assert relative_error(block, reference.to_dense() @ V) <= TOL
+
+
+class _PlainSquare(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) ** 2
+
+
+def test_chunk_size_is_checked():
+    model, batches, _ = mlp_problem("ce")
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
+        fm.make_operator(model, batches, "ggn", chunk_size=0)
+    with pytest.raises(TypeError, match="chunk_size"):
+        fm.make_operator(model, batches, "ggn", chunk_size=2.5)
+
+
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_quadratic_forms_equal_dense_mlp_and_tiny_gpt2(curvature):
+    generator = torch.Generator().manual_seed(4)
+    model, batches, problem = mlp_problem("mse")
+    op = fm.make_operator(model, batches, curvature, mc_samples=2, seed=3, chunk_size=4)
+    Z = torch.randn(53, 9, generator=generator, dtype=DTYPE)
+    dense = problem.dense(curvature, op)
+    assert relative_error(op.quadratic_forms(Z), (Z * (dense @ Z)).sum(0)) <= TOL
+    model, batch, problem = gpt2_problem(GPT2_NAMES)
+    op = fm.make_operator(model, batch, curvature, params=GPT2_PARAMS, seed=5)
+    Z = torch.randn(88, 6, generator=generator, dtype=DTYPE)
+    dense = problem.dense(curvature, op)
+    assert relative_error(op.quadratic_forms(Z), (Z * (dense @ Z)).sum(0)) <= TOL
+    assert op.quadratic_forms(Z[:, :0]).shape == (0,)
+
+
+def test_quadratic_forms_fall_back_and_observe():
+    model = _SquareNet()
+    batches = mlp_batches("mse")
+    op = fm.make_operator(model, batches, "ggn")
+    Z = torch.randn(53, 4, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    reference = fm.make_operator(_PlainSquare(model.inner), batches, "ggn").to_dense()
+    calls = []
+    forms = fm.ObservedOperator(op, calls.append).quadratic_forms(Z)
+    assert not op.vectorized and calls == [4]
+    assert relative_error(forms, (Z * (reference @ Z)).sum(0)) <= TOL
+    with pytest.raises(ValueError, match="Z must have shape"):
+        op.quadratic_forms(torch.zeros(52, 2, dtype=DTYPE))
+    with pytest.raises(TypeError, match="operator must be a fisher_metrics LinearOperator"):
+        fm.ObservedOperator(torch.eye(3), print)
