@@ -302,3 +302,32 @@ def test_two_ranks_equal_single_process(tmp_path):
         assert r[kind]["G_norm"] > 1e-3
         assert r[kind]["factors"] < 1e-12 and r[kind]["grads"] < 1e-10, (kind, r[kind])
     assert r["mc-swapped-seeds"]["factors"] > 1e-4  # the per-rank seeds matter
+
+
+def test_type2_ignores_loss_scaling_accumulation_and_grad_scaler():
+    # the extra backward is of the summed per-row loss, unscaled: two micro-batches
+    # (accumulation_steps=2, a mean loss divided by 2, a GradScaler at 2**10) give the G of
+    # one forward on the whole batch; A is unchanged too
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    whole = _mlp()
+    ref = _run(whole, x, "type2")
+    model = _mlp()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    pre = KFACPreconditioner(model, fisher_type="type2", factor_update_steps=1,
+                             factor_decay=0.0, kl_clip=None, accumulation_steps=2,
+                             grad_scaler=scaler)
+    for half in (slice(0, 3), slice(3, 6)):
+        out = model(x[half])
+        assert pre.fisher_backward(out)
+        scaler.scale(F.cross_entropy(out, y[half]) / 2).backward()
+    scaler.unscale_(torch.optim.SGD(model.parameters(), lr=0.0))
+    pre.step()
+    for got, r in zip([layer.G for layer in pre.layers.values()], ref, strict=True):
+        torch.testing.assert_close(got, r, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(pre.layers["0"].A, _a_of(x), rtol=1e-12, atol=1e-14)
+
+
+def _a_of(x):
+    rows = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+    return rows.T @ rows / x.shape[0]
