@@ -291,11 +291,11 @@ class StatisticsCapture:
         if generator is None:
             generator = self._generator(logits.device)
         vectors = output_vectors(logits, likelihood, self.options.fisher_type, mask, generator)
-        grads = backward_to_outputs(logits, [entry[3] for entry in entries], vectors)
-        for i, (layer, x, ctx, _) in enumerate(entries):
-            per_vector = [g[i] for g in grads if g[i] is not None]
-            if per_vector:
-                self._add_statistics(layer, x, ctx, per_vector, empirical=False)
+        outputs = [entry[3] for entry in entries]
+        for k, grads in enumerate(backward_to_outputs(logits, outputs, vectors)):
+            for (layer, x, ctx, _), grad in zip(entries, grads, strict=True):
+                if grad is not None:  # None: this output does not reach the logits
+                    self._add_statistics(layer, x, ctx, grad, empirical=False, with_a=k == 0)
         return True
 
     def _forward_hook(self, layer: Any, module, inputs, output):
@@ -329,14 +329,15 @@ class StatisticsCapture:
         output.register_hook(partial(self._grad_hook, layer, inputs[0].detach(), self._ctx))
 
     def _grad_hook(self, layer: Any, x: Tensor, ctx: BatchContext | None, grad: Tensor):
-        self._add_statistics(layer, x, ctx, [grad], empirical=True)
+        self._add_statistics(layer, x, ctx, grad, empirical=True)
 
-    def _add_statistics(self, layer: Any, x: Tensor, ctx: BatchContext | None,
-                        grads: list[Tensor], empirical: bool) -> None:
-        """Add one forward call's A statistics and the G rows of each output gradient in
-        ``grads``: the training loss's (``empirical``: turned into a gradient of the summed
-        loss by ``loss_reduction``, ``accumulation_steps`` and the GradScaler's scale), or
-        the K vectors of ``"mc"`` / ``"type2"``, already of the summed loss and unscaled."""
+    def _add_statistics(self, layer: Any, x: Tensor, ctx: BatchContext | None, grad: Tensor,
+                        empirical: bool, with_a: bool = True) -> None:
+        """Add one forward call's statistics: A (unless ``with_a`` is False: a further
+        vector of the same forward) and the G rows of the output gradient ``grad``: the
+        training loss's (``empirical``: turned into a gradient of the summed loss by
+        ``loss_reduction``, ``accumulation_steps`` and the GradScaler's scale), or one vector
+        of ``"mc"`` / ``"type2"``, already of the summed loss and unscaled."""
         cap = layer.capture
         opts = self.options
         dtype = accumulation_dtype(cap, opts.factor_dtype)
@@ -352,7 +353,7 @@ class StatisticsCapture:
         else:
             approx = opts.kfac_approx
             a_rows, t = input_rows(rows, mask, has_bias=cap.has_bias, approx=approx, dtype=dtype)
-            a_sum = a_rows.t() @ a_rows
+            a_sum = a_rows.t() @ a_rows if with_a else None
         n = t if ctx is None or ctx.num_loss_rows is None else ctx.num_loss_rows
         scale = 1.0
         if empirical and opts.loss_reduction == "mean":
@@ -360,21 +361,19 @@ class StatisticsCapture:
             scale = n * opts.accumulation_steps if divisor is None else divisor
         if empirical and ctx is not None and ctx.grad_scale != 1.0:
             scale = scale / ctx.grad_scale
-        first = ctx is None or id(layer) not in ctx.counted
+        g_rows = output_grad_rows(cap.output_grad_rows(grad), mask, scale=scale, approx=approx,
+                                  dtype=dtype)
+        first = with_a and (ctx is None or id(layer) not in ctx.counted)
         if ctx is not None:
             ctx.counted.add(id(layer))
-        layer.a.add_sum(a_sum, t)
-        blocks = []
-        for grad in grads:
-            g_rows = output_grad_rows(cap.output_grad_rows(grad), mask, scale=scale,
-                                      approx=approx, dtype=dtype)
-            if layer.ekfac_rows is not None:
-                layer.ekfac_rows.append(self._ekfac_terms(cap, rows, mask, grad, scale, a_rows,
-                                                          g_rows, approx, dtype))
-            if layer.low_rank and mask is not None and approx == "expand":
-                g_rows = g_rows[mask.reshape(-1).bool()]  # padding rows: zero columns of U
-            blocks.append(g_rows)
-        layer.g.add(blocks[0] if len(blocks) == 1 else torch.cat(blocks), n if first else 0.0)
+        if with_a:
+            layer.a.add_sum(a_sum, t)
+        if layer.ekfac_rows is not None:
+            layer.ekfac_rows.append(self._ekfac_terms(cap, rows, mask, grad, scale, a_rows,
+                                                      g_rows, approx, dtype))
+        if layer.low_rank and mask is not None and approx == "expand":
+            g_rows = g_rows[mask.reshape(-1).bool()]  # padding rows are zero columns of U
+        layer.g.add(g_rows, n if first else 0.0)
 
     @staticmethod
     def _ekfac_terms(cap: LayerCapture, rows: Tensor, mask: Tensor | None, grad: Tensor,

@@ -24,6 +24,8 @@ GradScaler), matching the convention ``G = (1/N) sum g g^T`` of docs/design.md, 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import torch
 from torch import Tensor
 
@@ -34,7 +36,6 @@ FISHER_TYPES = ("empirical", "mc", "type2")
 LIKELIHOODS = ("categorical", "gaussian")
 TYPE2_MAX_OUTPUTS = 1024
 """Largest C ``"type2"`` accepts: it backpropagates C vectors per factor update."""
-_BATCH_ELEMENTS = 2**24  # vectors per batched backward: at most this many logits entries
 
 
 def check_likelihood(likelihood: str) -> str:
@@ -78,7 +79,7 @@ def sample_targets(logits: Tensor, likelihood: str,
 
 def output_vectors(logits: Tensor, likelihood: str, fisher_type: str,
                    mask: Tensor | None = None,
-                   generator: torch.Generator | None = None) -> Tensor:
+                   generator: torch.Generator | None = None) -> Iterator[Tensor]:
     """The vectors backpropagated from ``logits`` for ``"mc"`` or ``"type2"``.
 
     Args:
@@ -88,11 +89,12 @@ def output_vectors(logits: Tensor, likelihood: str, fisher_type: str,
             columns of the output-Hessian square root per row).
         mask: ``(...)`` 1 for rows that are loss terms, 0 for rows that are not (their
             vectors are zero), or None (all rows).
-        generator: for ``"mc"``, see ``sample_targets``.
+        generator: for ``"mc"``, see ``sample_targets`` (the targets are drawn at once).
 
-    Returns:
-        ``(K, ..., C)`` in ``logits``' dtype: ``sum_k v_k v_k^T`` per row is, in expectation
-        (``"mc"``) or exactly (``"type2"``), the output Hessian of the per-row loss.
+    Yields:
+        K tensors ``(..., C)`` in ``logits``' dtype, one at a time (type-2 never holds the
+        ``(C, ..., C)`` stack): ``sum_k v_k v_k^T`` per row is, in expectation (``"mc"``) or
+        exactly (``"type2"``), the output Hessian of the per-row loss.
 
     Raises:
         ValueError: a bad ``likelihood`` / ``fisher_type``, or ``"type2"`` with C above
@@ -108,60 +110,56 @@ def output_vectors(logits: Tensor, likelihood: str, fisher_type: str,
         raise ValueError(f"fisher_type='type2' backpropagates one vector per output: C={c} "
                          f"outputs exceed the limit of {TYPE2_MAX_OUTPUTS}; use "
                          "fisher_type='mc' (one sampled vector, the same G in expectation)")
-    eye = torch.eye(c, dtype=f.dtype, device=f.device)
-    if likelihood == "categorical":
-        p = torch.softmax(f, dim=-1)
-        if fisher_type == "mc":
-            y = sample_targets(f, likelihood, generator)
-            vectors = (p - torch.nn.functional.one_hot(y, c).to(f.dtype)).unsqueeze(0)
+    keep = None if mask is None else mask.to(f.dtype).unsqueeze(-1)
+    return _vectors(f, likelihood, fisher_type, keep, generator, logits.dtype)
+
+
+def _vectors(f: Tensor, likelihood: str, fisher_type: str, keep: Tensor | None,
+             generator: torch.Generator | None, dtype: torch.dtype) -> Iterator[Tensor]:
+    c = f.shape[-1]
+    if fisher_type == "mc":
+        y = sample_targets(f, likelihood, generator)
+        if likelihood == "categorical":
+            v = torch.softmax(f, -1) - torch.nn.functional.one_hot(y, c).to(f.dtype)
+        else:
+            v = f - y
+        yield _finish(v, keep, dtype)
+        return
+    p = torch.softmax(f, -1) if likelihood == "categorical" else None
+    for k in range(c):
+        if p is None:  # S = I
+            v = torch.zeros_like(f)
+            v[..., k] = 1.0
         else:  # column k of diag(sqrt p) - p sqrt(p)^T: sqrt(p_k) (e_k - p)
-            shape = (c,) + (1,) * (f.dim() - 1) + (c,)
-            vectors = p.sqrt().movedim(-1, 0).unsqueeze(-1) * (eye.reshape(shape) - p)
-    elif fisher_type == "mc":
-        vectors = (f - sample_targets(f, likelihood, generator)).unsqueeze(0)
-    else:
-        vectors = eye.reshape((c,) + (1,) * (f.dim() - 1) + (c,)).expand((c,) + f.shape)
-    if mask is not None:
-        vectors = vectors * mask.to(f.dtype).unsqueeze(-1)
-    return vectors.to(logits.dtype)
+            root = p[..., k:k + 1].sqrt()
+            v = -root * p
+            v[..., k] += root[..., 0]
+        yield _finish(v, keep, dtype)
+
+
+def _finish(v: Tensor, keep: Tensor | None, dtype: torch.dtype) -> Tensor:
+    return (v if keep is None else v * keep).to(dtype)
 
 
 def backward_to_outputs(logits: Tensor, outputs: list[Tensor],
-                        vectors: Tensor) -> list[list[Tensor | None]]:
-    """Gradients of ``<v_k, logits>`` with respect to ``outputs`` for every vector ``v_k``,
-    by ``torch.autograd.grad`` (``retain_graph=True``): no parameter's ``.grad`` changes and
-    the graph stays for the training loss's own backward.
+                        vectors: Iterable[Tensor]) -> Iterator[list[Tensor | None]]:
+    """Gradients of ``<v_k, logits>`` with respect to ``outputs``, one vector ``v_k`` at a
+    time, by ``torch.autograd.grad`` (``retain_graph=True``): no parameter's ``.grad``
+    changes and the graph stays for the training loss's own backward.
+
+    A loop rather than ``is_grads_batched``: on the demo LM (CPU, benchmarks/README.md,
+    "Fisher type") 8 vectors took 1.9 s in a loop and 4.3 s batched through ``vmap``, and a
+    loop holds one vector's gradients at a time.
 
     Args:
         logits: ``(..., C)``, the outputs of a graph that ``outputs`` lie on.
         outputs: tensors of that graph (captured layer outputs).
-        vectors: ``(K, ..., C)``; batched ``is_grads_batched`` backwards of at most
-            ``2**24`` logits entries each (a plain loop where the graph has an operation
-            without a batching rule).
+        vectors: ``(..., C)`` tensors (``output_vectors``).
 
-    Returns:
-        ``[k][i]``: the gradient for vector k of ``outputs[i]``, None when ``outputs[i]``
-        does not reach ``logits``.
+    Yields:
+        for each k: the gradients of ``outputs`` (None for one that does not reach
+        ``logits``).
     """
-    k = vectors.shape[0]
-    chunk = max(1, _BATCH_ELEMENTS // max(1, logits.numel()))
-    out: list[list[Tensor | None]] = []
-    for start in range(0, k, chunk):
-        block = vectors[start:start + chunk]
-        try:
-            batched = block.shape[0] > 1
-            grads = torch.autograd.grad(logits, outputs, block if batched else block[0],
-                                        retain_graph=True, allow_unused=True,
-                                        is_grads_batched=batched)
-            if block.shape[0] == 1:
-                grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
-        except RuntimeError:  # no batching rule for an operation of the graph: one by one
-            if block.shape[0] == 1:
-                raise
-            grads = tuple(zip(*[torch.autograd.grad(logits, outputs, v, retain_graph=True,
-                                                    allow_unused=True) for v in block],
-                              strict=True))
-            grads = tuple(None if g[0] is None else torch.stack(g) for g in grads)
-        for j in range(block.shape[0]):
-            out.append([None if g is None else g[j] for g in grads])
-    return out
+    for v in vectors:
+        yield list(torch.autograd.grad(logits, outputs, v, retain_graph=True,
+                                       allow_unused=True))

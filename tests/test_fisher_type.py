@@ -109,12 +109,12 @@ def test_sample_targets_follow_the_predictive_distribution():
 
 def test_type2_vectors_are_a_square_root_of_the_output_hessian():
     logits = torch.randn(2, 3, 5, dtype=torch.float64)
-    v = output_vectors(logits, "categorical", "type2")  # (5, 2, 3, 5)
+    v = torch.stack(list(output_vectors(logits, "categorical", "type2")))  # (5, 2, 3, 5)
     p = torch.softmax(logits, -1)
     hess = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
     torch.testing.assert_close(torch.einsum("kbti,kbtj->btij", v, v), hess, rtol=1e-12,
                                atol=1e-14)
-    g = output_vectors(logits, "gaussian", "type2")
+    g = torch.stack(list(output_vectors(logits, "gaussian", "type2")))
     torch.testing.assert_close(torch.einsum("kbti,kbtj->btij", g, g),
                                torch.eye(5, dtype=torch.float64).expand(2, 3, 5, 5))
 
