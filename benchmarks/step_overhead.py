@@ -89,13 +89,11 @@ def _block_len(label: str, hp: dict[str, Any], base: int) -> int:
 
 
 def bench_model(setup, *, repeats: int, base_steps: int, seed: int,
-                schedules=SCHEDULES, configs=None) -> dict[str, Any]:
-    """Time every configuration on one model (``configs``: ``(label, optimizer, overrides)``
-    triples, default ``_configs(schedules)``, the first the baseline of ``ratio_to_sgd``);
-    returns per-configuration samples and ratios."""
+                schedules=SCHEDULES) -> dict[str, Any]:
+    """Time every configuration on one model; returns per-configuration samples and ratios."""
     task, desc, build, batches, loss_fn = setup
     runs = []
-    for label, name, overrides in configs or _configs(schedules):
+    for label, name, overrides in _configs(schedules):
         torch.manual_seed(seed)
         model = build()
         model.train()
