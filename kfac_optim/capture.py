@@ -8,7 +8,10 @@ rows) and the loss divisor (Trainer's ``num_items_in_batch``). A forward hook on
 pairs that call's input with the gradient of *its* output (a tensor hook, so forwards that
 never see a backward add nothing), and the gradient hook adds the layer's batch statistics
 to its running factors: ``A``'s sum of outer products and row count T, ``G``'s output
-gradient rows (of the summed loss) and N (``factors``).
+gradient rows (of the summed loss) and N (``factors``). With ``fisher_type`` "mc" / "type2"
+the layer outputs are kept instead, and ``fisher_pass`` (automatic for Hugging Face models
+given ``labels``, else ``KFACPreconditioner.fisher_backward``) backpropagates the vectors of
+``kfac_optim.fisher`` to them: their gradients give G, the training loss's backward none.
 """
 
 from __future__ import annotations
@@ -321,8 +324,11 @@ class StatisticsCapture:
             ctx.mask_applied |= ctx.mask.shape == shape
         if self.options.fisher_type != "empirical":
             # G from the extra backward of ``fisher_pass``, which pairs this input with the
-            # gradient of this output; the training loss's backward adds nothing
-            self._fisher_outputs.append((layer, inputs[0].detach(), ctx, output))
+            # gradient of this output; the training loss's backward adds nothing. A forward
+            # run inside a backward is an activation-checkpoint recomputation: the first
+            # forward's outputs, already kept, are the ones on the graph.
+            if torch._C._current_graph_task_id() == -1:
+                self._fisher_outputs.append((layer, inputs[0].detach(), ctx, output))
             return
         # Pair this call's input with the gradient of *this* output: forwards that never
         # see a backward (activation-checkpoint recomputation, unused outputs) add nothing.

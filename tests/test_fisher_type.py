@@ -331,3 +331,24 @@ def test_type2_ignores_loss_scaling_accumulation_and_grad_scaler():
 def _a_of(x):
     rows = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
     return rows.T @ rows / x.shape[0]
+
+
+def test_activation_checkpointing_gives_the_same_g():
+    # a recomputed forward (inside the backward) is not a new capture: the G of the first
+    # forward's outputs, equal to the run without checkpointing; no missed-pass error
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self, mlp):
+            super().__init__()
+            self.mlp = mlp
+
+        def forward(self, x):
+            h = checkpoint(lambda z: self.mlp[1](self.mlp[0](z)), x, use_reentrant=False)
+            return self.mlp[2](h)
+
+    x = torch.randn(6, 4, dtype=torch.float64)
+    ref = _run(_mlp(), x, "type2")
+    got = _run(Checkpointed(_mlp()), x, "type2")
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-14)
