@@ -452,7 +452,8 @@ def build_report(
         op = make_operator(model, data, "ggn", dtype=dtype, loss_fn=loss_fn)
         steps = min(slq_steps, op.shape[0])
         bar = _progress(progress, slq_probes * steps, "fisher_metrics: SLQ")
-        density = slq(ObservedOperator(op, bar.update), num_probes=slq_probes, lanczos_steps=steps, seed=seed)
+        density = slq(ObservedOperator(op, bar.update), num_probes=slq_probes,
+                      lanczos_steps=steps, seed=seed)
         bar.close()
         grid, phi, sigma = _psd_density(density.nodes, density.weights)
         slq_result = {

@@ -8,7 +8,10 @@ rows) and the loss divisor (Trainer's ``num_items_in_batch``). A forward hook on
 pairs that call's input with the gradient of *its* output (a tensor hook, so forwards that
 never see a backward add nothing), and the gradient hook adds the layer's batch statistics
 to its running factors: ``A``'s sum of outer products and row count T, ``G``'s output
-gradient rows (of the summed loss) and N (``factors``).
+gradient rows (of the summed loss) and N (``factors``). With ``fisher_type`` "mc" / "type2"
+the layer outputs are kept instead, and ``fisher_pass`` (automatic for Hugging Face models
+given ``labels``, else ``KFACPreconditioner.fisher_backward``) backpropagates the vectors of
+``kfac_optim.fisher`` to them: their gradients give G, the training loss's backward none.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .factors import embedding_input_statistics, input_rows, output_grad_rows
+from .fisher import backward_to_outputs, check_likelihood, output_vectors
 from .layers import IGNORE_INDEX, LayerCapture, is_causal_lm
 from .options import KFACOptions
 
@@ -65,6 +69,17 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
+def _is_single_label_classifier(model: nn.Module, labels: Tensor, logits: Tensor) -> bool:
+    """A Hugging Face ``...ForSequenceClassification`` whose loss is cross-entropy over
+    ``(B, C)`` logits (``problem_type`` unset or ``"single_label_classification"``, C > 1,
+    integer labels), as its forward decides."""
+    config = getattr(model, "config", None)
+    return (type(model).__name__.endswith("ForSequenceClassification") and config is not None
+            and getattr(config, "problem_type", None) in (None, "single_label_classification")
+            and logits.dim() == 2 and logits.shape[-1] > 1
+            and not labels.is_floating_point() and labels.numel() == logits.shape[0])
+
+
 def accumulation_dtype(cap: LayerCapture, factor_dtype: torch.dtype | None) -> torch.dtype:
     """float64 for float64 layers or storage, else float32 (half precision storage
     accumulates in float32)."""
@@ -100,6 +115,11 @@ class StatisticsCapture:
         self.pending_scale: float | None = None
         self._ctx: BatchContext | None = None
         self._pending_mask: tuple[Tensor | None, Any] | None = None
+        # "mc" / "type2": (layer, input, context, output) of the forwards awaiting their extra
+        # backward, and the number of capturing forwards that never got one
+        self._fisher_outputs: list[tuple[Any, Tensor, BatchContext | None, Tensor]] = []
+        self.fisher_missed = 0
+        self._generators: dict[torch.device, torch.Generator] = {}
 
     def register(self, model: nn.Module) -> list:
         """Register the per-layer forward hooks and the root hooks on ``model``; returns
@@ -146,6 +166,7 @@ class StatisticsCapture:
         return scale
 
     def _root_pre_hook(self, module, args, kwargs):
+        self._forget_fisher_outputs()
         explicit = True  # a mask the user gave (set_token_mask, attention_mask)
         if self._pending_mask is not None:
             mask, rows = self._pending_mask
@@ -163,6 +184,12 @@ class StatisticsCapture:
         ctx = self._ctx
         if ctx is None:
             return
+        self._read_loss_count(ctx, module, kwargs, output)
+        if self._fisher_outputs:
+            self._automatic_fisher_pass(module, kwargs, output)
+
+    def _read_loss_count(self, ctx: BatchContext, module, kwargs, output) -> None:
+        """The mask check, the loss divisor and N of this forward (``BatchContext``)."""
         if ctx.explicit_mask and ctx.captured and not ctx.mask_applied:
             expected = sorted({f"{tuple(shape)} for '{name}'" for name, shape in ctx.captured
                                if -1 not in tuple(shape)})
@@ -189,6 +216,91 @@ class StatisticsCapture:
             else:
                 ctx.num_loss_rows = float(math.prod(rows))
 
+    # Fisher type "mc" / "type2" (kfac_optim.fisher) -----------------------------------
+    def _forget_fisher_outputs(self) -> None:
+        """Drop outputs that never got their extra backward (counted in ``fisher_missed``)."""
+        if self._fisher_outputs:
+            self.fisher_missed += 1
+            self._fisher_outputs = []
+
+    def check_fisher_passes(self) -> None:
+        """At a capturing ``step()`` with ``"mc"`` / ``"type2"``: every captured forward got
+        its extra backward.
+
+        Raises:
+            RuntimeError: some did not (their layers would have no G statistics), saying
+                what to call; the count is reset.
+        """
+        missed = self.fisher_missed + bool(self._fisher_outputs)
+        self.fisher_missed, self._fisher_outputs = 0, []
+        if missed:
+            raise RuntimeError(
+                f"fisher_type={self.options.fisher_type!r}: {missed} forward call(s) at this "
+                "factor-update step got no extra Fisher backward, so their G statistics are "
+                "missing. Call pre.fisher_backward(logits, likelihood='categorical' or "
+                "'gaussian') after each forward and before loss.backward() (Hugging Face "
+                "causal LMs and single-label sequence classifiers given labels do it "
+                "themselves), or use fisher_type='empirical'")
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        """``fisher_seed``'s generator on ``device`` (None: the global RNG)."""
+        seed = self.options.fisher_seed
+        if seed is None or self.options.fisher_type != "mc":
+            return None
+        if device not in self._generators:
+            import torch.distributed as dist
+
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            self._generators[device] = torch.Generator(device=device).manual_seed(seed + rank)
+        return self._generators[device]
+
+    def _automatic_fisher_pass(self, module: nn.Module, kwargs: dict, output: Any) -> None:
+        """Run ``fisher_pass`` for a Hugging Face model that computed its own cross-entropy
+        from ``labels``: a causal LM (the logits at position t predict label t + 1: rows whose
+        shifted label is ``IGNORE_INDEX``, and the last position, get no vector) or a
+        single-label ``...ForSequenceClassification`` (rows whose label is ``IGNORE_INDEX``
+        get none). Other models call ``fisher_pass`` themselves."""
+        labels = kwargs.get("labels")
+        logits = getattr(output, "logits", None)
+        if not isinstance(labels, Tensor) or not isinstance(logits, Tensor):
+            return
+        if is_causal_lm(module):
+            mask = torch.zeros(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+            mask[..., :-1] = labels[..., 1:] != IGNORE_INDEX
+        elif _is_single_label_classifier(module, labels, logits):
+            mask = (labels != IGNORE_INDEX).reshape(logits.shape[:-1])
+        else:
+            return
+        self.fisher_pass(logits, "categorical", mask)
+
+    def fisher_pass(self, logits: Tensor, likelihood: str, mask: Tensor | None = None,
+                    generator: torch.Generator | None = None) -> bool:
+        """See ``KFACPreconditioner.fisher_backward``; returns whether statistics were added."""
+        check_likelihood(likelihood)
+        if not isinstance(logits, Tensor) or logits.dim() < 1:
+            raise TypeError("logits must be a tensor of shape (..., C), got "
+                            f"{type(logits).__name__}")
+        if mask is not None and tuple(mask.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(f"mask of shape {tuple(mask.shape)} must have the logits' leading "
+                             f"shape {tuple(logits.shape[:-1])}")
+        entries, self._fisher_outputs = self._fisher_outputs, []
+        if not entries:
+            return False
+        if not logits.requires_grad:
+            raise RuntimeError("fisher_backward needs the logits of the forward K-FAC captured, "
+                               "with their graph (not detached, not after a backward that freed "
+                               "it: call it before loss.backward(), or backward with "
+                               "retain_graph=True)")
+        if generator is None:
+            generator = self._generator(logits.device)
+        vectors = output_vectors(logits, likelihood, self.options.fisher_type, mask, generator)
+        outputs = [entry[3] for entry in entries]
+        for k, grads in enumerate(backward_to_outputs(logits, outputs, vectors)):
+            for (layer, x, ctx, _), grad in zip(entries, grads, strict=True):
+                if grad is not None:  # None: this output does not reach the logits
+                    self._add_statistics(layer, x, ctx, grad, empirical=False, with_a=k == 0)
+        return True
+
     def _forward_hook(self, layer: Any, module, inputs, output):
         layer.hooked = True
         if not (self.capturing() and module.training and torch.is_grad_enabled()):
@@ -210,11 +322,28 @@ class StatisticsCapture:
             shape = layer.capture.mask_shape(inputs[0])
             ctx.captured.append((layer.capture.name, shape))
             ctx.mask_applied |= ctx.mask.shape == shape
+        if self.options.fisher_type != "empirical":
+            # G from the extra backward of ``fisher_pass``, which pairs this input with the
+            # gradient of this output; the training loss's backward adds nothing. A forward
+            # run inside a backward is an activation-checkpoint recomputation: the first
+            # forward's outputs, already kept, are the ones on the graph.
+            if torch._C._current_graph_task_id() == -1:
+                self._fisher_outputs.append((layer, inputs[0].detach(), ctx, output))
+            return
         # Pair this call's input with the gradient of *this* output: forwards that never
         # see a backward (activation-checkpoint recomputation, unused outputs) add nothing.
         output.register_hook(partial(self._grad_hook, layer, inputs[0].detach(), self._ctx))
 
     def _grad_hook(self, layer: Any, x: Tensor, ctx: BatchContext | None, grad: Tensor):
+        self._add_statistics(layer, x, ctx, grad, empirical=True)
+
+    def _add_statistics(self, layer: Any, x: Tensor, ctx: BatchContext | None, grad: Tensor,
+                        empirical: bool, with_a: bool = True) -> None:
+        """Add one forward call's statistics: A (unless ``with_a`` is False: a further
+        vector of the same forward) and the G rows of the output gradient ``grad``: the
+        training loss's (``empirical``: turned into a gradient of the summed loss by
+        ``loss_reduction``, ``accumulation_steps`` and the GradScaler's scale), or one vector
+        of ``"mc"`` / ``"type2"``, already of the summed loss and unscaled."""
         cap = layer.capture
         opts = self.options
         dtype = accumulation_dtype(cap, opts.factor_dtype)
@@ -230,20 +359,21 @@ class StatisticsCapture:
         else:
             approx = opts.kfac_approx
             a_rows, t = input_rows(rows, mask, has_bias=cap.has_bias, approx=approx, dtype=dtype)
-            a_sum = a_rows.t() @ a_rows
+            a_sum = a_rows.t() @ a_rows if with_a else None
         n = t if ctx is None or ctx.num_loss_rows is None else ctx.num_loss_rows
         scale = 1.0
-        if opts.loss_reduction == "mean":
+        if empirical and opts.loss_reduction == "mean":
             divisor = None if ctx is None else ctx.loss_divisor
             scale = n * opts.accumulation_steps if divisor is None else divisor
-        if ctx is not None and ctx.grad_scale != 1.0:
+        if empirical and ctx is not None and ctx.grad_scale != 1.0:
             scale = scale / ctx.grad_scale
         g_rows = output_grad_rows(cap.output_grad_rows(grad), mask, scale=scale, approx=approx,
                                   dtype=dtype)
-        first = ctx is None or id(layer) not in ctx.counted
+        first = with_a and (ctx is None or id(layer) not in ctx.counted)
         if ctx is not None:
             ctx.counted.add(id(layer))
-        layer.a.add_sum(a_sum, t)
+        if with_a:
+            layer.a.add_sum(a_sum, t)
         if layer.ekfac_rows is not None:
             layer.ekfac_rows.append(self._ekfac_terms(cap, rows, mask, grad, scale, a_rows,
                                                       g_rows, approx, dtype))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .factors import KFAC_APPROXIMATIONS
+from .fisher import FISHER_TYPES, TYPE2_MAX_OUTPUTS
 from .inverse import DAMPING_MODES
 
 DAMPING_SCALES = ("absolute", "relative")
@@ -129,6 +130,12 @@ def _kappa(name: str, value: Any) -> float | None:
 def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def _seed(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be None (the global RNG) or an int >= 0, got {value!r}")
     return value
 
 
@@ -309,6 +316,22 @@ class KFACOptions:
         False, "EKFAC (George et al. 2018): running second moments of the per-row gradients "
         "in the Kronecker eigenbasis replace ``s_G s_A^T`` (exact damping; layers with a "
         "dense G).", _bool)
+    fisher_type: str = option(
+        "empirical", "what G is built from (docs/design.md, \"Fisher type for G\"; "
+        "``kfac_optim.fisher``): ``\"empirical\"`` (the output gradients of the training "
+        "loss's backward), ``\"mc\"`` (Martens & Grosse 2015: at factor-update steps one extra "
+        "backward to the layer outputs of the loss at targets sampled from the model's "
+        "predictive distribution; A unchanged, ``.grad`` untouched) or ``\"type2\"`` (C "
+        "extra backward vectors, the columns of the output-Hessian square root; C <= "
+        f"{TYPE2_MAX_OUTPUTS}). With \"mc\" / \"type2\" the extra backward runs by itself "
+        "for Hugging Face causal LMs and single-label sequence classifiers called with "
+        "``labels``; other models call ``pre.fisher_backward(logits, likelihood=...)`` after "
+        "the forward, before the loss's backward.", _choice(FISHER_TYPES))
+    fisher_seed: int | None = option(
+        None, "``\"mc\"`` sampling: None (the global torch RNG of the logits' device) or an int "
+        "seeding one ``torch.Generator`` per device (plus the process rank when "
+        "torch.distributed is initialised, so ranks draw different targets).",
+        _optional(_seed))
     # Inverses ----------------------------------------------------------------------
     inverse_policy: str = option(
         "eig", "``\"eig\"`` (eigendecompose A and G), ``\"woodbury\"`` (G kept as ``U U^T`` "

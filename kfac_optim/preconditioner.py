@@ -283,6 +283,47 @@ class KFACPreconditioner:
         """
         self._capture.set_token_mask(mask, num_loss_rows)
 
+    def fisher_backward(self, logits: Tensor, likelihood: str = "categorical", *,
+                        mask: Tensor | None = None,
+                        generator: torch.Generator | None = None) -> bool:
+        """The extra backward of ``fisher_type="mc"`` / ``"type2"`` for a model whose loss
+        K-FAC does not read itself (docs/design.md, "Fisher type for G").
+
+        Call it after the forward and before ``loss.backward()`` (or after a backward with
+        ``retain_graph=True``), on every step: it does nothing off the factor-update
+        schedule, with ``fisher_type="empirical"``, or when the forward's extra backward
+        already ran (Hugging Face causal LMs and single-label sequence classifiers called
+        with ``labels``). It backpropagates, with ``torch.autograd.grad`` to the captured
+        layer outputs (no parameter's ``.grad`` changes; the graph is kept), the vectors of
+        ``kfac_optim.fisher.output_vectors``: for ``"mc"`` the gradient of the summed
+        per-row loss at targets sampled from the model (``generator``, else the one
+        ``fisher_seed`` seeds, else the global RNG), for ``"type2"`` the C columns of the
+        output-Hessian square root. Their output gradients give G; A comes from the same
+        forward; the training loss's own backward then adds nothing to the factors.
+
+        Args:
+            logits: ``(..., C)`` the model outputs the per-row loss is a function of.
+            likelihood: ``"categorical"`` (softmax cross-entropy over the last dim) or
+                ``"gaussian"`` (per-row loss ``0.5 ||f - y||^2``, output Hessian I; a loss
+                ``||f - y||^2`` such as ``nn.MSELoss`` has Hessian 2I: G is then half its
+                empirical scale).
+            mask: ``(...)`` 1 for rows that are loss terms, 0 for the others (padding,
+                ignored labels), or None (every row). N, the row count G is divided by, is
+                the one the forward gave (``set_token_mask`` / ``labels`` / output rows).
+            generator: a ``torch.Generator`` on the logits' device for ``"mc"``.
+
+        Returns:
+            Whether statistics were added (False off schedule or when already done).
+
+        Raises:
+            ValueError: a bad ``likelihood`` or ``mask`` shape, or ``"type2"`` with more than
+                ``kfac_optim.fisher.TYPE2_MAX_OUTPUTS`` outputs.
+            RuntimeError: ``logits`` carry no graph.
+        """
+        if self.options.fisher_type == "empirical":
+            return False
+        return self._capture.fisher_pass(logits, likelihood, mask, generator)
+
     # Step ---------------------------------------------------------------------
     @torch.no_grad()
     def step(self, *, lr: float | None = None, damping: float | None = None,
@@ -306,6 +347,8 @@ class KFACPreconditioner:
         self.last_step = settings = StepSettings.resolve(self.options, lr, damping, kl_clip,
                                                          step=self.steps)
         self._check_hooked()
+        if self.capturing and self.options.fisher_type != "empirical":
+            self._capture.check_fisher_passes()
         if self.capturing:
             self._placement.reduce_statistics(self._layers, self.steps)
         counts = self._update_factors(settings.factor_decay)
