@@ -257,11 +257,11 @@ class KFACOptions:
 
     # Damping and the step -------------------------------------------------------
     damping: float = option(
-        1e-3, "lambda > 0, Tikhonov damping in units of the Fisher of the mean loss "
+        1e-2, "lambda > 0, Tikhonov damping in units of the Fisher of the mean loss "
         "(``step(damping=...)`` or a KFAC param group's ``damping`` overrides it per step).",
         check_damping)
     damping_mode: str = option(
-        "exact", "``\"exact\"``: ``(A (x) G + lambda I)^{-1}``; ``\"factored\"``: "
+        "factored", "``\"exact\"``: ``(A (x) G + lambda I)^{-1}``; ``\"factored\"``: "
         "``(G + lambda_G I)^{-1} V (A + lambda_A I)^{-1}``, the pi-split of Martens & Grosse "
         "2015, Sec. 6.3.", _choice(DAMPING_MODES))
     damping_scale: str = option(
@@ -286,7 +286,7 @@ class KFACOptions:
         10, "capture statistics and update the factors at the steps where ``step % k == 0``. "
         + _SCHEDULE_DOC, _schedule(_steps))
     inv_update_steps: int | Callable[[int], int] = option(
-        100, "recompute the inverses (eigendecompositions, Woodbury systems) at the steps where "
+        20, "recompute the inverses (eigendecompositions, Woodbury systems) at the steps where "
         "``step % k == 0``; a layer with factors and no inverse yet gets its first one at once. "
         + _SCHEDULE_DOC, _schedule(_steps))
     loss_reduction: str = option(
