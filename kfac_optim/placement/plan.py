@@ -17,7 +17,6 @@ Every plan owns its collectives (``kfac_optim.distributed``) and its low-rank re
 from __future__ import annotations
 
 import math
-
 from dataclasses import fields
 from typing import Any
 
