@@ -89,3 +89,24 @@ def test_relative_damping_makes_the_adam_base_invariant_to_loss_scale():
 def test_damping_scale_is_validated():
     with pytest.raises(ValueError, match="damping_scale.*accepted values.*'absolute'"):
         KFACPreconditioner(nn.Linear(2, 2), damping_scale="trace")
+
+
+def test_default_policy_keeps_a_large_head_low_rank():
+    """A head with o >= hybrid_min_out (4096) under the defaults: its G stays U U^T with at
+    most woodbury_rank (1024) columns over factor updates of 1030 rows each, never the dense
+    o x o matrix (a 50k-vocabulary head's would be 10 GB); smaller layers are dense."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4096)).float()
+    opt = KFAC(model, factor_update_steps=1, inv_update_steps=1)
+    for _ in range(2):
+        x, y = torch.randn(1030, 8, dtype=torch.float32), torch.randint(0, 4096, (1030,))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    head, body = opt.preconditioner.layers["2"], opt.preconditioner.layers["0"]
+    assert head.low_rank and head.rank == 1024 and head.G_factor.shape == (4096, 1024)
+    assert not body.low_rank and body.G.shape == (16, 16)
+    usage = opt.preconditioner.memory_usage()["layers"]["2"]
+    assert usage["total"] < 4096 * 1024 * 4 * 3  # U, its eigenbasis and A: O(o r), not o^2
+    row = next(r for r in opt.preconditioner.describe() if r["layer"] == "2")
+    assert row["policy"] == "woodbury" and 0 < row["dropped_G"] < 1

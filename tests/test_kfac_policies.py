@@ -491,7 +491,6 @@ POLICY_ERRORS = [
     (dict(woodbury_reduction="rows"), ValueError, r"woodbury_reduction.*'gather', 'row_sharded'"),
     (dict(woodbury_max_rank=0), ValueError, "woodbury_max_rank"),
     (dict(woodbury_rank=0), ValueError, "woodbury_rank"),
-    (dict(woodbury_rank=100, woodbury_max_rank=50), ValueError, "woodbury_rank"),
     (dict(auto_rho=0.0), ValueError, "auto_rho"),
     (dict(auto_t_max=1.5), TypeError, "auto_t_max"),
     (dict(hybrid_min_out=-1), ValueError, "hybrid_min_out"),
