@@ -43,7 +43,7 @@ def build(args, accelerator):
     torch.manual_seed(args.seed)
     model = build_lm_model(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
                            seq_len=args.seq_len)
-    hp = default_hparams("lm", "kfac")  # the demo's tuned K-FAC settings
+    hp = default_hparams("lm", "kfac")  # the demo's K-FAC: defaults at AdamW's lr
     hp.update({k: v for k, v in vars(args).items() if k in hp and v is not None})
     opt = KFAC(model, **hp, accumulation_steps=accelerator.gradient_accumulation_steps)
     warmup = max(1, args.steps // 10)

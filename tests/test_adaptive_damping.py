@@ -305,7 +305,7 @@ def test_short_run_does_not_diverge(damping, lr):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 10, generator=g)
     y = (x[:, :4] * 3).argmax(1)
-    opt = KFAC(model, lr=lr, momentum=0.0, damping=damping, kl_clip=None,
+    opt = KFAC(model, lr=lr, momentum=0.0, base="sgd", damping=damping, kl_clip=None,
                damping_adaptation=LM, damping_adaptation_steps=2,
                factor_update_steps=1, inv_update_steps=2)
     closure = closure_for(opt, model, x, y)
