@@ -15,6 +15,9 @@ from kfac_optim.demo import (
     load_digits_model,
     main,
     parse_args,
+    reach,
+    timing_reliability,
+    val_loss_at_step,
     val_loss_at_time,
 )
 from kfac_optim.demo.data import (
@@ -79,6 +82,24 @@ def test_lm_demo_smoke(tmp_path, capsys):
     assert "val loss" in printed and "kfac" in printed and "ms/step" in printed
     results = _check_results(out, "lm", steps)
     assert results["config"]["n_embd"] == 32
+
+    # Equal time comes from the interleaved ratios: 3 rounds of K-FAC's inv_update_steps.
+    timing = results["step_time"]
+    assert results["step_time_config"] == {"steps": 10, "rounds": 3, "spread_limit": 0.25}
+    assert set(timing) == {"kfac", "adamw", "sgd"} and timing["adamw"]["round_ratios"] == [1.0] * 3
+    for t in timing.values():
+        assert len(t["samples_ms"]) == 3 and all(ms > 0 for ms in t["samples_ms"])
+        assert t["ratio_to_adamw"] == sorted(t["round_ratios"])[1]
+    assert results["timing_reliable"] == (not results["timing_unreliable"])
+    env = results["env"]
+    assert "load average (1 min) at start" in printed and env["loadavg_end"] is not None
+    ratio = timing["kfac"]["ratio_to_adamw"]
+    k_steps, a_steps = (steps / ratio, steps) if ratio >= 1 else (steps, steps * ratio)
+    kv = val_loss_at_step(results["runs"]["kfac"]["val_curve"], k_steps)
+    av = val_loss_at_step(results["runs"]["adamw"]["val_curve"], a_steps)
+    line = next(x for x in printed.splitlines() if "equal wall time" in x)
+    assert f"{kv:.4f}" in line and f"{av:.4f}" in line and f"{ratio:.2f} x" in line
+    assert line.startswith("UNRELIABLE: ") == (not results["timing_reliable"])
 
     model = GPT2LMHeadModel.from_pretrained(out / "kfac_model")
     assert model.config.vocab_size == VOCAB_SIZE and model.config.n_embd == 32
@@ -212,3 +233,28 @@ def test_val_loss_at_time_interpolates_inside_the_curve_only():
     assert val_loss_at_time(curve, 1.0) == pytest.approx(4.0)
     assert val_loss_at_time(curve, 4.0) == pytest.approx(2.0)
     assert val_loss_at_time(curve, 4.5) is None
+
+
+def test_val_loss_at_step_and_reach_interpolate():
+    curve = [[0, 0.0, 5.0], [10, 2.0, 3.0], [20, 4.0, 2.0]]
+    assert val_loss_at_step(curve, 5) == pytest.approx(4.0)
+    assert val_loss_at_step(curve, 20) == pytest.approx(2.0)
+    assert val_loss_at_step(curve, 21) is None
+    assert reach(curve, 2.5) == pytest.approx((15.0, 3.0))
+    assert reach(curve, 5.0) == (0.0, 0.0) and reach(curve, 1.0) is None
+
+
+def test_timing_reliability_names_every_reason():
+    def t(ratios):
+        med = sorted(ratios)[len(ratios) // 2]
+        return {"round_ratios": ratios, "ratio_spread": (max(ratios) - min(ratios)) / med}
+
+    steady = {"adamw": t([1.0, 1.0, 1.0]), "kfac": t([2.0, 2.1, 1.95])}
+    assert timing_reliability(steady, (1.0, 1.5), cores=2) == []
+    reasons = timing_reliability(steady, (1.0, 2.5), cores=2)
+    assert reasons == ["load average 2.50 > 2 cores"]
+    noisy = dict(steady, sgd=t([0.5, 0.9, 0.6]))
+    (reason,) = timing_reliability(noisy, (0.5, 0.5), cores=2)
+    assert reason.startswith("sgd: step-time ratio varies 67%")
+    one = {"adamw": t([1.0]), "kfac": t([2.0])}
+    assert timing_reliability(one, (None, None), cores=2) == ["1 timing round: no spread to judge"]
