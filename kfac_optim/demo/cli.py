@@ -178,8 +178,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m kfac_optim.demo",
         description="Train K-FAC, AdamW and SGD-momentum with equal steps and seed; print and "
                     "save a comparison.")
-    p.add_argument("--task", choices=TASKS, default="lm")
-    p.add_argument("--steps", type=int, help="optimizer steps (lm: 400, digits: 300)")
+    p.add_argument("--task", choices=(*TASKS, "finetune"), default="lm")
+    p.add_argument("--steps", type=int,
+                   help="optimizer steps (lm: 400, digits: 300, finetune: 200 fine-tuning)")
     p.add_argument("--optimizers", default="kfac,adamw,sgd",
                    help="comma-separated subset of kfac,adamw,sgd")
     p.add_argument("--out", default="runs/demo", help="output directory")
@@ -197,6 +198,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vocab", choices=demo_data.VOCABS,
                    help="byte (257 ids, default) or bpe (trained on the training text)")
     g.add_argument("--bpe-vocab-size", type=int, help="BPE ids with --vocab bpe (8192)")
+    g = p.add_argument_group("finetune (the lm model and its options, pretrained, then "
+                             "fine-tuned on the standard library's sources)")
+    g.add_argument("--pretrain-steps", type=int, help="AdamW pretraining steps (400)")
+    g.add_argument("--finetune-lrs", type=_floats,
+                   help="AdamW fine-tuning lr grid, comma-separated (1e-4,3e-4,1e-3)")
+    g.add_argument("--cache-dir", help="where pretrained weights are cached, keyed by their "
+                   "settings ('none': always pretrain; default $KFAC_DEMO_CACHE or "
+                   "~/.cache/kfac_optim/demo)")
     g = p.add_argument_group("digits model")
     g.add_argument("--model", choices=("mlp", "cnn"), help="digits model (mlp)")
     g.add_argument("--hidden", type=int, help="MLP width (256)")
@@ -226,6 +235,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
+    if args.task != "finetune" and (args.pretrain_steps or args.finetune_lrs
+                                    or args.cache_dir):
+        p.error("--pretrain-steps, --finetune-lrs and --cache-dir apply to --task finetune")
+    if args.finetune_lrs is not None and (not args.finetune_lrs
+                                          or min(args.finetune_lrs) <= 0):
+        p.error(f"--finetune-lrs must be one or more lrs > 0, got {args.finetune_lrs}")
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     bad = [n for n in names if n not in OPTIMIZERS]
     if bad or not names or len(set(names)) != len(names):
@@ -237,11 +252,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.task != "lm" and (args.vocab or args.bpe_vocab_size):
         p.error("--vocab and --bpe-vocab-size apply to --task lm only")
     for key in ("steps", "batch_size", "seq_len", "n_layer", "n_embd", "n_head", "hidden",
-                "eval_chunks", "woodbury_rank", "time_steps"):
+                "eval_chunks", "woodbury_rank", "time_steps", "pretrain_steps"):
         value = getattr(args, key)
         if value is not None and value < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
     return args
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"comma-separated numbers expected, got {text!r}") \
+            from err
 
 
 def _hparams_from_args(task: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -266,7 +289,7 @@ def _require_demo_extra(task: str, vocab: str | None) -> None:
     """Fail before any training when a package of the ``demo`` extra is missing."""
     feature = "python -m kfac_optim.demo"
     needed = ["tqdm", "matplotlib"]
-    if task == "lm":
+    if task in ("lm", "finetune"):
         needed += ["transformers", "tokenizers"] if vocab == "bpe" else ["transformers"]
     else:
         needed.append("sklearn")
@@ -308,6 +331,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _require_demo_extra(args.task, args.vocab)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.task == "finetune":
+        from .finetune import run_finetune
+
+        return run_finetune(args)
     t_start = time.perf_counter()
     task = make_task(args.task, steps=args.steps, batch_size=args.batch_size,
                      eval_every=args.eval_every, seq_len=args.seq_len, n_layer=args.n_layer,
