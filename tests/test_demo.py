@@ -341,5 +341,9 @@ def test_finetune_task_end_to_end(tmp_path, capsys):
     again = main([*argv, "--out", str(tmp_path / "b")])
     assert again["pretrain"]["cached"] and again["pretrain"]["key"] == res["pretrain"]["key"]
     assert again["pretrained_val_loss"] == res["pretrained_val_loss"]
-    with pytest.raises(SystemExit):
-        parse_args(["--task", "lm", "--pretrain-steps", "3"])
+    for bad in (["--task", "lm", "--pretrain-steps", "3"],
+                ["--task", "finetune", "--damping", "0.1"],
+                ["--task", "finetune", "--optimizers", "kfac"],
+                ["--task", "finetune", "--finetune-lrs", "0,1e-3"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)

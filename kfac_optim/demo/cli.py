@@ -238,6 +238,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.task != "finetune" and (args.pretrain_steps or args.finetune_lrs
                                     or args.cache_dir):
         p.error("--pretrain-steps, --finetune-lrs and --cache-dir apply to --task finetune")
+    if args.task == "finetune":
+        # K-FAC runs at its defaults there (a swap-in at AdamW's lr; --kfac-lr overrides
+        # the lr), AdamW over --finetune-lrs, and there is no SGD run.
+        unused = [f"--{k.replace('_', '-')}" for k in (
+            "adamw_lr", "sgd_lr", "damping", "damping_mode", "factor_update_steps",
+            "inv_update_steps", "factor_decay", "inverse_policy", "woodbury_rank",
+            "kfac_momentum", "sgd_momentum", "model", "hidden", "time_steps")
+            if getattr(args, k) is not None]
+        unused += ["--kl-clip"] if args.kl_clip is not ... else []
+        unused += ["--optimizers"] if args.optimizers != "kfac,adamw,sgd" else []
+        if unused:
+            p.error(f"{', '.join(unused)}: not used by --task finetune (AdamW over "
+                    "--finetune-lrs, then K-FAC at its defaults with AdamW's best lr)")
     if args.finetune_lrs is not None and (not args.finetune_lrs
                                           or min(args.finetune_lrs) <= 0):
         p.error(f"--finetune-lrs must be one or more lrs > 0, got {args.finetune_lrs}")
