@@ -16,8 +16,9 @@ Sections (``--sections``, all by default):
   (float64) and its largest eigenvalue difference to the CPU's, relative to the largest
   eigenvalue.
 - ``woodbury_store``: a Linear 256 -> 8192 whose G runs on the Woodbury policy (truncated
-  EMA of rank 512, 64 rows per step, factors and inverses every step: U is 8192 x 576
-  float32, 18.9 MB). Once with ``woodbury_store_device="compute"`` (U on the GPU), once with
+  EMA of rank 512, 64 rows per step, factors and inverses every step: 64 columns are stacked
+  per step and U is truncated back to 8192 x 512 float32, 16 MiB, once past 512). Once
+  with ``woodbury_store_device="compute"`` (U on the GPU), once with
   ``"auto"`` and ``woodbury_store_threshold_bytes=1`` (U in pinned host memory, moved on
   use). Checks that the second really stores U pinned on the host and the first on the GPU,
   that both give the same parameters after ``--woodbury-steps`` steps (float32 rounding
