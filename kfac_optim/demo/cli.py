@@ -202,7 +202,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "fine-tuned on the standard library's sources)")
     g.add_argument("--pretrain-steps", type=int, help="AdamW pretraining steps (400)")
     g.add_argument("--finetune-lrs", type=_floats,
-                   help="AdamW fine-tuning lr grid, comma-separated (1e-4,3e-4,1e-3)")
+                   help="AdamW fine-tuning lr grid, comma-separated (3e-4,1e-3,3e-3,1e-2)")
     g.add_argument("--cache-dir", help="where pretrained weights are cached, keyed by their "
                    "settings ('none': always pretrain; default $KFAC_DEMO_CACHE or "
                    "~/.cache/kfac_optim/demo)")

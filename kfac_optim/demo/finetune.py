@@ -53,7 +53,7 @@ __all__ = ["FINETUNE_DEFAULTS", "default_cache_dir", "finetune_task", "pretrain_
            "pretrained_state", "run_finetune"]
 
 FINETUNE_DEFAULTS: dict[str, Any] = dict(
-    pretrain_steps=400, steps=200, eval_every=25, finetune_lrs=(1e-4, 3e-4, 1e-3),
+    pretrain_steps=400, steps=200, eval_every=25, finetune_lrs=(3e-4, 1e-3, 3e-3, 1e-2),
     weight_decay=0.0)
 _MODEL_KEYS = ("n_layer", "n_embd", "n_head", "seq_len")
 
