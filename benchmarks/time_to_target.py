@@ -60,9 +60,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfac_optim import KFACCoverageWarning
-from kfac_optim.demo import make_optimizer, make_task, train_one
+from kfac_optim.demo import make_task, train_one
 from kfac_optim.demo.data import digits_batches, load_digits_data
 from kfac_optim.demo.tasks import Task, _evaluate_with
+from kfac_optim.demo.training import reach, time_interleaved
 
 # Per workload: steps, evaluation period, AdamW weight decay (the demo's tuned value for
 # its tasks) and the AdamW learning-rate grid.
@@ -178,58 +179,6 @@ def _short(hp: dict[str, Any]) -> str:
 def _final(run: dict[str, Any]) -> float:
     v = run["final_val_loss"]
     return v if math.isfinite(v) and not run["diverged"] else math.inf
-
-
-def reach(val_curve: list[list[float]], target: float) -> tuple[float, float] | None:
-    """(step, train seconds) at which the held-out curve first gets to ``target``,
-    interpolated from the evaluation before; None if it never does."""
-    prev = None
-    for row in val_curve:
-        step, secs, val = row
-        if math.isfinite(val) and val <= target:
-            if prev is None or prev[2] == val:
-                return float(step), float(secs)
-            w = (prev[2] - target) / (prev[2] - val)
-            return prev[0] + w * (step - prev[0]), prev[1] + w * (secs - prev[1])
-        prev = row
-    return None
-
-
-def time_interleaved(task: Task, configs: dict[str, tuple[str, dict[str, Any]]], *,
-                     steps: int, rounds: int, warmup: int = 5) -> dict[str, Any]:
-    """ms/step of each configuration and its ratio to ``adamw``'s, interleaved (see
-    module docstring); ``configs``: label -> (optimizer name, hyperparameters)."""
-    runs = {}
-    for label, (name, hp) in configs.items():
-        torch.manual_seed(0)
-        model = task.build_model()
-        model.train()
-        runs[label] = dict(model=model, opt=make_optimizer(name, model, hp),
-                           batches=task.batches(0), samples=[])
-
-    def block(r: dict[str, Any], n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            batch = next(r["batches"])
-            r["opt"].zero_grad(set_to_none=True)
-            task.loss(r["model"], batch).backward()
-            r["opt"].step()
-        return 1000.0 * (time.perf_counter() - t0) / n
-
-    for r in runs.values():
-        block(r, warmup)
-    for _ in range(rounds):
-        for r in runs.values():
-            r["samples"].append(block(r, steps))
-    ref = runs["adamw"]["samples"]
-    out = {}
-    for label, r in runs.items():
-        out[label] = dict(ms_per_step=statistics.median(r["samples"]), samples_ms=r["samples"],
-                          ratio_to_adamw=statistics.median(
-                              s / b for s, b in zip(r["samples"], ref, strict=True)))
-        if hasattr(r["opt"], "preconditioner"):
-            r["opt"].preconditioner.remove()
-    return out
 
 
 def bench_workload(name: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -15,6 +15,9 @@ from kfac_optim.demo import (
     load_digits_model,
     main,
     parse_args,
+    reach,
+    timing_reliability,
+    val_loss_at_step,
     val_loss_at_time,
 )
 from kfac_optim.demo.data import (
@@ -79,6 +82,24 @@ def test_lm_demo_smoke(tmp_path, capsys):
     assert "val loss" in printed and "kfac" in printed and "ms/step" in printed
     results = _check_results(out, "lm", steps)
     assert results["config"]["n_embd"] == 32
+
+    # Equal time comes from the interleaved ratios: 3 rounds of K-FAC's inv_update_steps.
+    timing = results["step_time"]
+    assert results["step_time_config"] == {"steps": 10, "rounds": 3, "spread_limit": 0.25}
+    assert set(timing) == {"kfac", "adamw", "sgd"} and timing["adamw"]["round_ratios"] == [1.0] * 3
+    for t in timing.values():
+        assert len(t["samples_ms"]) == 3 and all(ms > 0 for ms in t["samples_ms"])
+        assert t["ratio_to_adamw"] == sorted(t["round_ratios"])[1]
+    assert results["timing_reliable"] == (not results["timing_unreliable"])
+    env = results["env"]
+    assert "load average (1 min) at start" in printed and env["loadavg_end"] is not None
+    ratio = timing["kfac"]["ratio_to_adamw"]
+    k_steps, a_steps = (steps / ratio, steps) if ratio >= 1 else (steps, steps * ratio)
+    kv = val_loss_at_step(results["runs"]["kfac"]["val_curve"], k_steps)
+    av = val_loss_at_step(results["runs"]["adamw"]["val_curve"], a_steps)
+    line = next(x for x in printed.splitlines() if "equal wall time" in x)
+    assert f"{kv:.4f}" in line and f"{av:.4f}" in line and f"{ratio:.2f} x" in line
+    assert line.startswith("UNRELIABLE: ") == (not results["timing_reliable"])
 
     model = GPT2LMHeadModel.from_pretrained(out / "kfac_model")
     assert model.config.vocab_size == VOCAB_SIZE and model.config.n_embd == 32
@@ -212,3 +233,117 @@ def test_val_loss_at_time_interpolates_inside_the_curve_only():
     assert val_loss_at_time(curve, 1.0) == pytest.approx(4.0)
     assert val_loss_at_time(curve, 4.0) == pytest.approx(2.0)
     assert val_loss_at_time(curve, 4.5) is None
+
+
+def test_val_loss_at_step_and_reach_interpolate():
+    curve = [[0, 0.0, 5.0], [10, 2.0, 3.0], [20, 4.0, 2.0]]
+    assert val_loss_at_step(curve, 5) == pytest.approx(4.0)
+    assert val_loss_at_step(curve, 20) == pytest.approx(2.0)
+    assert val_loss_at_step(curve, 21) is None
+    assert reach(curve, 2.5) == pytest.approx((15.0, 3.0))
+    assert reach(curve, 5.0) == (0.0, 0.0) and reach(curve, 1.0) is None
+
+
+def test_timing_reliability_names_every_reason():
+    def t(ratios):
+        med = sorted(ratios)[len(ratios) // 2]
+        return {"round_ratios": ratios, "ratio_spread": (max(ratios) - min(ratios)) / med}
+
+    steady = {"adamw": t([1.0, 1.0, 1.0]), "kfac": t([2.0, 2.1, 1.95])}
+    assert timing_reliability(steady, (1.0, 1.5), cores=2) == []
+    reasons = timing_reliability(steady, (1.0, 2.5), cores=2)
+    assert reasons == ["load average 2.50 > 2 cores"]
+    noisy = dict(steady, sgd=t([0.5, 0.9, 0.6]))
+    (reason,) = timing_reliability(noisy, (0.5, 0.5), cores=2)
+    assert reason.startswith("sgd: step-time ratio varies 67%")
+    one = {"adamw": t([1.0]), "kfac": t([2.0])}
+    assert timing_reliability(one, (None, None), cores=2) == ["1 timing round: no spread to judge"]
+
+
+def _heldout_loss_reference(model, chunks) -> float:
+    """Token-weighted mean next-byte cross-entropy, from the logits (not the model's loss)."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=chunks).logits.double()
+    return float(torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), chunks[:, 1:].reshape(-1)))
+
+
+def test_code_data_is_split_by_file_and_deterministic():
+    from kfac_optim.demo.data import load_code_data, stdlib_source_files
+
+    files = stdlib_source_files()
+    a, b = load_code_data(), load_code_data()
+    assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val)
+    assert not set(a.train_files) & set(a.val_files)
+    assert sorted(a.train_files + a.val_files) == sorted(f.name for f in files)
+    assert a.val_files == tuple(f.name for f in files[9::10])
+    # The held-out stream is exactly the held-out files' bytes, each followed by EOS.
+    root = files[0].parent
+    want = []
+    for name in a.val_files:
+        want.extend((root / name).read_bytes())
+        want.append(EOS_ID)
+    assert torch.equal(a.val, torch.tensor(want))
+    assert int(a.train.max()) == EOS_ID and int(a.train.min()) >= 0
+    with pytest.raises(ValueError, match="val_every"):
+        load_code_data(val_every=1)
+
+
+def test_finetune_task_end_to_end(tmp_path, capsys):
+    """--task finetune on a tiny model: pretrain (3 AdamW steps, cached), fine-tune with a
+    2-lr AdamW grid and K-FAC at the best lr; the held-out evaluation is checked against
+    a loss computed here from the logits of the cached pretrained model and of the saved
+    K-FAC-fine-tuned model."""
+    from transformers import GPT2LMHeadModel
+
+    from kfac_optim.demo.data import load_code_data
+
+    cache, steps = tmp_path / "cache", 4
+    argv = ["--task", "finetune", "--steps", str(steps), "--pretrain-steps", "3",
+            "--eval-every", "2", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+            "--seq-len", "16", "--batch-size", "4", "--eval-chunks", "8",
+            "--finetune-lrs", "1e-4,1e-3", "--cache-dir", str(cache), "--no-progress"]
+    res = main([*argv, "--out", str(tmp_path / "a")])
+    printed = capsys.readouterr().out
+    assert not res["pretrain"]["cached"]
+    (saved,) = cache.iterdir()
+    assert saved.name == f"pretrained-{res['pretrain']['key']}"
+
+    # Held-out loss at step 0 is the pretrained model's, on windows of the held-out files.
+    code = load_code_data()
+    chunks = lm_eval_chunks(code.val, 16, 8)
+    pretrained = GPT2LMHeadModel.from_pretrained(saved)
+    assert res["pretrained_val_loss"] == pytest.approx(
+        _heldout_loss_reference(pretrained, chunks), rel=1e-5)
+    assert res["config"]["val_files"] == list(code.val_files)
+    runs = res["runs"]
+    assert set(runs) == {"adamw lr=0.0001", "adamw lr=0.001", "kfac"}
+    for run in runs.values():
+        assert run["val_curve"][0][2] == res["pretrained_val_loss"]
+        assert [row[0] for row in run["val_curve"]] == [0, 2, 4] and run["steps"] == steps
+    best = min((1e-4, 1e-3), key=lambda lr: runs[f"adamw lr={lr:g}"]["final_val_loss"])
+    assert res["best_adamw_lr"] == best
+    assert res["target_val_loss"] == runs[f"adamw lr={best:g}"]["final_val_loss"]
+    assert runs["kfac"]["hparams"] == {"lr": best, "weight_decay": 0.0, "base": "adamw"}
+    kfac_vals = [v for _, _, v in runs["kfac"]["val_curve"]]
+    assert res["kfac_never_above_pretrained"] == (max(kfac_vals) <= kfac_vals[0])
+    for name, run in runs.items():
+        hit = reach(run["val_curve"], res["target_val_loss"])
+        assert res["steps_to_target"][name] == (hit and hit[0])
+    tuned = GPT2LMHeadModel.from_pretrained(tmp_path / "a" / "kfac_model")
+    assert runs["kfac"]["final_val_loss"] == pytest.approx(
+        _heldout_loss_reference(tuned, chunks), rel=1e-5)
+    assert "pretrained model's held-out loss on the sources (step 0)" in printed
+    assert "check: K-FAC's held-out loss never above the pretrained model's" in printed
+
+    # A rerun with the same settings loads the cached weights: same step-0 loss.
+    again = main([*argv, "--out", str(tmp_path / "b")])
+    assert again["pretrain"]["cached"] and again["pretrain"]["key"] == res["pretrain"]["key"]
+    assert again["pretrained_val_loss"] == res["pretrained_val_loss"]
+    for bad in (["--task", "lm", "--pretrain-steps", "3"],
+                ["--task", "finetune", "--damping", "0.1"],
+                ["--task", "finetune", "--optimizers", "kfac"],
+                ["--task", "finetune", "--finetune-lrs", "0,1e-3"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)

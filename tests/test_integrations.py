@@ -105,6 +105,49 @@ def test_trainer_lr_and_adam_settings_come_from_the_arguments(tmp_path):
         5e-5, (0.8, 0.999), 1e-6, 0.01)
 
 
+@pytest.mark.parametrize("base", [None, "sgd", "adamw", "grafting"])
+def test_trainer_warns_on_default_lr_exactly_for_bases_that_need_another_scale(tmp_path, base):
+    """A real Trainer from a GPT-2 config at Trainer's default learning_rate: the warning
+    fires for the SGD-momentum base only (None: KFAC's default base, whatever it is), and
+    never once the lr is set, through TrainingArguments or kfac_kwargs."""
+    import inspect
+    import warnings
+
+    from kfac_optim.base import BASES
+    from kfac_optim.integrations.transformers import (
+        LR_MEANING,
+        KFACTrainer,
+        trainer_default_lr,
+    )
+
+    assert set(LR_MEANING) == set(BASES)  # a new base must say what an lr means for it
+    assert trainer_default_lr() == 5e-5
+    resolved = base or inspect.signature(KFAC.__init__).parameters["base"].default
+    kfac_kwargs = {} if base is None else dict(base=base)
+
+    def messages(learning_rate=None, **extra):
+        kw = {} if learning_rate is None else dict(learning_rate=learning_rate)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[],
+                                              use_cpu=True, **kw)
+        trainer = KFACTrainer(model=_model(), args=args, train_dataset=_examples(),
+                              kfac_kwargs=dict(kfac_kwargs, **extra))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = trainer.create_optimizer()
+        assert opt.param_groups[0]["lr"] == extra.get("lr", learning_rate or 5e-5)
+        assert opt.param_groups[0]["base"] == resolved
+        return [str(w.message) for w in caught if "default learning_rate" in str(w.message)]
+
+    got = messages()
+    if resolved == "sgd":
+        (msg,) = got
+        assert "base='sgd'" in msg and "0.1-1" in msg
+    else:
+        assert got == []
+    assert messages(learning_rate=0.3) == []
+    assert messages(lr=5e-5) == []  # set explicitly through kfac_kwargs
+
+
 def _launch(cmd, tmp_path, extra):
     from tests.launch import ROOT, launch
 

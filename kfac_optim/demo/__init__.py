@@ -8,6 +8,15 @@ tuning"). Held-out loss is evaluated every ``--eval-every`` steps and at the end
 under ``model.eval()`` and ``torch.no_grad()``; evaluation time is not counted in
 the training wall time.
 
+Wall time: the sequential runs' clocks feel whatever else the machine does at their
+time, so the equal-time comparison does not use them. After training, the optimizers
+run again interleaved in one process (``time_interleaved``: ``--time-rounds`` rounds,
+3 by default, each running every optimizer for a block of ``--time-steps`` steps,
+K-FAC's ``inv_update_steps`` by default) and the median per-round ratio of step times
+to AdamW's decides how many steps each gets in equal time. The load average at start
+and end is printed, and the timings are flagged ``UNRELIABLE`` when it exceeds the
+core count or a ratio varies by more than ``RATIO_SPREAD_LIMIT`` (25%) between rounds.
+
 Tasks:
 
 - ``lm`` (default): a small GPT-2 (``transformers.GPT2LMHeadModel``, byte-level
@@ -19,6 +28,10 @@ Tasks:
   Woodbury policy under ``inverse_policy="auto"``, with a truncated low-rank EMA
   (``woodbury_rank``). Held-out loss is also reported in bits per byte, comparable
   across vocabularies.
+- ``finetune``: pretrain the ``lm`` model on the pydoc text with AdamW (cached, see
+  :mod:`~kfac_optim.demo.finetune`), then fine-tune it on another domain, the Python
+  standard library's own ``.py`` sources (held out by file), with AdamW over a small lr
+  grid and with K-FAC as a swap-in at AdamW's best lr.
 - ``digits``: scikit-learn's 8x8 digits with an MLP 64-256-256-10 (or ``--model
   cnn``), stratified 20% held out.
 
@@ -40,7 +53,16 @@ Modules: :mod:`~kfac_optim.demo.data` (the offline data sets),
 from . import tasks
 from .cli import format_table, main, parse_args, plot_losses
 from .tasks import *  # noqa: F403 (the tasks' public names, listed in tasks.__all__)
-from .training import train_one, val_loss_at_time
+from .training import (
+    RATIO_SPREAD_LIMIT,
+    reach,
+    time_interleaved,
+    timing_reliability,
+    train_one,
+    val_loss_at_step,
+    val_loss_at_time,
+)
 
-__all__ = [*tasks.__all__, "format_table", "main", "parse_args", "plot_losses", "train_one",
-           "val_loss_at_time"]
+__all__ = [*tasks.__all__, "RATIO_SPREAD_LIMIT", "format_table", "main", "parse_args",
+           "plot_losses", "reach", "time_interleaved", "timing_reliability", "train_one",
+           "val_loss_at_step", "val_loss_at_time"]

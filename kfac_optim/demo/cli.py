@@ -17,7 +17,13 @@ import torch
 from .._extras import require
 from . import data as demo_data
 from .tasks import OPTIMIZERS, TASKS, default_hparams, make_task
-from .training import train_one, val_loss_at_time
+from .training import (
+    RATIO_SPREAD_LIMIT,
+    time_interleaved,
+    timing_reliability,
+    train_one,
+    val_loss_at_step,
+)
 
 __all__ = ["format_table", "main", "parse_args", "plot_losses"]
 
@@ -33,7 +39,10 @@ def _ema(values: Sequence[float], decay: float = 0.95) -> list[float]:
 
 
 def plot_losses(results: dict[str, Any], path: Path) -> None:
-    """Loss curves: train (EMA-smoothed) and held-out vs step, held-out vs training time."""
+    """Loss curves: train (EMA-smoothed) and held-out vs step, held-out vs training time.
+
+    Training time is steps x the interleaved median ms/step (``results["step_time"]``) when
+    measured, else the run's own sequential clock."""
     matplotlib = require("matplotlib", "demo", "kfac_optim.demo.plot_losses")
     matplotlib.use("Agg")
     plt = require("matplotlib.pyplot", "demo", "kfac_optim.demo.plot_losses")
@@ -45,10 +54,15 @@ def plot_losses(results: dict[str, Any], path: Path) -> None:
         ax_step.plot(range(1, len(train) + 1), _ema(train), color=color, alpha=0.45, lw=1,
                      label=f"{name} train (EMA)")
         steps_, times, vals = zip(*run["val_curve"], strict=True)
+        timing = (results.get("step_time") or {}).get(name)
+        if timing:
+            times = [st * timing["ms_per_step"] / 1000.0 for st in steps_]
         ax_step.plot(steps_, vals, "o-", color=color, ms=3, label=f"{name} held-out")
         ax_time.plot(times, vals, "o-", color=color, ms=3, label=name)
     ax_step.set(xlabel="step", ylabel="loss", title=f"{results['task']}: loss vs step")
-    ax_time.set(xlabel="training wall time (s)", ylabel="held-out loss",
+    interleaved = bool(results.get("step_time"))
+    ax_time.set(xlabel="training time (s): steps x interleaved ms/step" if interleaved
+                else "training wall time (s, sequential run)", ylabel="held-out loss",
                 title="held-out loss vs wall time")
     for ax in (ax_step, ax_time):
         ax.grid(alpha=0.3)
@@ -67,7 +81,8 @@ def plot_losses(results: dict[str, Any], path: Path) -> None:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """The printed summary table (one row per optimizer)."""
+    """The printed summary table (one row per optimizer). ``wall s`` and ``ms/step`` are the
+    sequential training runs' own clocks; ``step x REF`` is the interleaved ratio."""
     with_acc = any("final_val_acc" in r for r in results["runs"].values())
     with_bpb = any("final_val_bpb" in r for r in results["runs"].values())
     head = ["optimizer", "train loss", "val loss"]
@@ -76,6 +91,10 @@ def format_table(results: dict[str, Any]) -> str:
     if with_acc:
         head += ["train acc", "val acc"]
     head += ["wall s", "ms/step"]
+    timing = results.get("step_time") or {}
+    ref = results.get("step_time_reference")
+    if timing:
+        head += [f"step x {ref}"]
     rows = [head]
     for name, r in results["runs"].items():
         row = [name, f"{r['final_train_loss']:.4f}", f"{r['final_val_loss']:.4f}"]
@@ -84,6 +103,8 @@ def format_table(results: dict[str, Any]) -> str:
         if with_acc:
             row += [f"{r['final_train_acc']:.4f}", f"{r['final_val_acc']:.4f}"]
         row += [f"{r['wall_s']:.1f}", f"{r['ms_per_step']:.1f}"]
+        if timing:
+            row += [f"{timing[name][f'ratio_to_{ref}']:.2f}" if name in timing else "-"]
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
@@ -93,19 +114,60 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ref_name(runs: dict[str, Any]) -> str:
+    return "adamw" if "adamw" in runs else next(iter(runs))
+
+
 def _comparison(results: dict[str, Any]) -> str | None:
+    """Equal-steps and equal-time lines, K-FAC against AdamW; equal time comes from the
+    interleaved step-time ratio (``results["step_time"]``), not from the sequential runs'
+    wall clocks."""
     runs = results["runs"]
     if "kfac" not in runs or "adamw" not in runs:
         return None
     k, a = runs["kfac"], runs["adamw"]
+    steps = min(k["steps"], a["steps"])
     lower = "K-FAC" if k["final_val_loss"] < a["final_val_loss"] else "AdamW"
-    lines = [f"equal steps: K-FAC val loss {k['final_val_loss']:.4f} vs AdamW "
+    lines = [f"equal steps ({steps}): K-FAC val loss {k['final_val_loss']:.4f} vs AdamW "
              f"{a['final_val_loss']:.4f} ({lower} lower)"]
-    budget = min(k["val_curve"][-1][1], a["val_curve"][-1][1])  # the shorter training time
-    kv, av = val_loss_at_time(k["val_curve"], budget), val_loss_at_time(a["val_curve"], budget)
-    if kv is not None and av is not None:
-        lines.append(f"equal wall time ({budget:.1f} s of training, interpolated between "
-                     f"evals): K-FAC {kv:.4f} vs AdamW {av:.4f}")
+    timing = results.get("step_time")
+    if timing and "kfac" in timing:
+        ratio = timing["kfac"]["ratio_to_adamw"]
+        k_steps, a_steps = (steps / ratio, steps) if ratio >= 1 else (steps, steps * ratio)
+        kv, av = val_loss_at_step(k["val_curve"], k_steps), val_loss_at_step(a["val_curve"],
+                                                                             a_steps)
+        if kv is not None and av is not None:
+            word = "" if results["timing_reliable"] else "UNRELIABLE: "
+            lower = "K-FAC" if kv < av else "AdamW"
+            lines.append(
+                f"{word}equal wall time (K-FAC step = {ratio:.2f} x AdamW step, interleaved): "
+                f"K-FAC at step {k_steps:.0f} {kv:.4f} vs AdamW at step {a_steps:.0f} "
+                f"{av:.4f} ({lower} lower; losses interpolated between evals)")
+    return "\n".join(lines)
+
+
+def _timing_lines(results: dict[str, Any]) -> str:
+    """Load average, interleaved step-time ratios, and the reliability verdict."""
+    env = results["env"]
+    start, end = env["loadavg_start"], env["loadavg_end"]
+    lines = [f"load average (1 min) at start {start:.2f}, at end {end:.2f}; "
+             f"{env['cpu_count']} cores" if start is not None and end is not None
+             else "load average: not available on this platform"]
+    timing = results.get("step_time")
+    if timing:
+        ref = results["step_time_reference"]
+        cfg = results["step_time_config"]
+        ratios = ", ".join(f"{name} {t[f'ratio_to_{ref}']:.2f}x (spread "
+                           f"{t['ratio_spread']:.0%})" for name, t in timing.items()
+                           if name != ref)
+        lines.append(f"step time vs {ref}, interleaved ({cfg['rounds']} rounds of "
+                     f"{cfg['steps']} steps, median): {ratios}")
+        if results["timing_reliable"]:
+            lines.append(f"timings: reliable (load <= cores, ratio spread <= "
+                         f"{RATIO_SPREAD_LIMIT:.0%})")
+        else:
+            lines.append("timings: UNRELIABLE (" + "; ".join(results["timing_unreliable"])
+                         + ")")
     return "\n".join(lines)
 
 
@@ -116,8 +178,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m kfac_optim.demo",
         description="Train K-FAC, AdamW and SGD-momentum with equal steps and seed; print and "
                     "save a comparison.")
-    p.add_argument("--task", choices=TASKS, default="lm")
-    p.add_argument("--steps", type=int, help="optimizer steps (lm: 400, digits: 300)")
+    p.add_argument("--task", choices=(*TASKS, "finetune"), default="lm")
+    p.add_argument("--steps", type=int,
+                   help="optimizer steps (lm: 400, digits: 300, finetune: 200 fine-tuning)")
     p.add_argument("--optimizers", default="kfac,adamw,sgd",
                    help="comma-separated subset of kfac,adamw,sgd")
     p.add_argument("--out", default="runs/demo", help="output directory")
@@ -135,6 +198,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vocab", choices=demo_data.VOCABS,
                    help="byte (257 ids, default) or bpe (trained on the training text)")
     g.add_argument("--bpe-vocab-size", type=int, help="BPE ids with --vocab bpe (8192)")
+    g = p.add_argument_group("finetune (the lm model and its options, pretrained, then "
+                             "fine-tuned on the standard library's sources)")
+    g.add_argument("--pretrain-steps", type=int, help="AdamW pretraining steps (400)")
+    g.add_argument("--finetune-lrs", type=_floats,
+                   help="AdamW fine-tuning lr grid, comma-separated (3e-4,1e-3,3e-3,1e-2)")
+    g.add_argument("--cache-dir", help="where pretrained weights are cached, keyed by their "
+                   "settings ('none': always pretrain; default $KFAC_DEMO_CACHE or "
+                   "~/.cache/kfac_optim/demo)")
     g = p.add_argument_group("digits model")
     g.add_argument("--model", choices=("mlp", "cnn"), help="digits model (mlp)")
     g.add_argument("--hidden", type=int, help="MLP width (256)")
@@ -156,23 +227,57 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--kfac-momentum", type=float)
     g.add_argument("--sgd-momentum", type=float)
     g.add_argument("--weight-decay", type=float, help="weight decay of all three optimizers")
+    p.add_argument("--time-steps", type=int,
+                   help="steps per interleaved timing block (default: K-FAC's "
+                        "inv_update_steps, 10)")
+    p.add_argument("--time-rounds", type=int, default=3,
+                   help="interleaved timing rounds (3; 0: no timing, no equal-time line)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
+    if args.task != "finetune" and (args.pretrain_steps or args.finetune_lrs
+                                    or args.cache_dir):
+        p.error("--pretrain-steps, --finetune-lrs and --cache-dir apply to --task finetune")
+    if args.task == "finetune":
+        # K-FAC runs at its defaults there (a swap-in at AdamW's lr; --kfac-lr overrides
+        # the lr), AdamW over --finetune-lrs, and there is no SGD run.
+        unused = [f"--{k.replace('_', '-')}" for k in (
+            "adamw_lr", "sgd_lr", "damping", "damping_mode", "factor_update_steps",
+            "inv_update_steps", "factor_decay", "inverse_policy", "woodbury_rank",
+            "kfac_momentum", "sgd_momentum", "model", "hidden", "time_steps")
+            if getattr(args, k) is not None]
+        unused += ["--kl-clip"] if args.kl_clip is not ... else []
+        unused += ["--optimizers"] if args.optimizers != "kfac,adamw,sgd" else []
+        if unused:
+            p.error(f"{', '.join(unused)}: not used by --task finetune (AdamW over "
+                    "--finetune-lrs, then K-FAC at its defaults with AdamW's best lr)")
+    if args.finetune_lrs is not None and (not args.finetune_lrs
+                                          or min(args.finetune_lrs) <= 0):
+        p.error(f"--finetune-lrs must be one or more lrs > 0, got {args.finetune_lrs}")
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     bad = [n for n in names if n not in OPTIMIZERS]
     if bad or not names or len(set(names)) != len(names):
         p.error(f"--optimizers: {args.optimizers!r}; accepted: comma-separated distinct "
                 f"names from {OPTIMIZERS}")
     args.optimizers = names
+    if args.time_rounds < 0:
+        p.error(f"--time-rounds must be >= 0, got {args.time_rounds}")
     if args.task != "lm" and (args.vocab or args.bpe_vocab_size):
         p.error("--vocab and --bpe-vocab-size apply to --task lm only")
     for key in ("steps", "batch_size", "seq_len", "n_layer", "n_embd", "n_head", "hidden",
-                "eval_chunks", "woodbury_rank"):
+                "eval_chunks", "woodbury_rank", "time_steps", "pretrain_steps"):
         value = getattr(args, key)
         if value is not None and value < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
     return args
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"comma-separated numbers expected, got {text!r}") \
+            from err
 
 
 def _hparams_from_args(task: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -197,12 +302,30 @@ def _require_demo_extra(task: str, vocab: str | None) -> None:
     """Fail before any training when a package of the ``demo`` extra is missing."""
     feature = "python -m kfac_optim.demo"
     needed = ["tqdm", "matplotlib"]
-    if task == "lm":
+    if task in ("lm", "finetune"):
         needed += ["transformers", "tokenizers"] if vocab == "bpe" else ["transformers"]
     else:
         needed.append("sklearn")
     for module in needed:
         require(module, "demo", feature)
+
+
+def _loadavg() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _measure_step_time(results: dict[str, Any], task: Any, hps: dict[str, dict[str, Any]],
+                       args: argparse.Namespace) -> None:
+    """Interleaved per-step times of the demo's optimizers into ``results`` (see
+    ``time_interleaved``): the source of the equal-time comparison."""
+    steps = args.time_steps or int(hps.get("kfac", {}).get("inv_update_steps", 10))
+    ref = _ref_name(hps)
+    configs = {name: (name, hps[name]) for name in args.optimizers}
+    results["step_time"] = time_interleaved(task, configs, steps=steps,
+                                            rounds=args.time_rounds, reference=ref)
+    results["step_time_reference"] = ref
+    results["step_time_config"] = {"steps": steps, "rounds": args.time_rounds,
+                                   "spread_limit": RATIO_SPREAD_LIMIT}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -221,6 +344,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _require_demo_extra(args.task, args.vocab)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.task == "finetune":
+        from .finetune import run_finetune
+
+        return run_finetune(args)
     t_start = time.perf_counter()
     task = make_task(args.task, steps=args.steps, batch_size=args.batch_size,
                      eval_every=args.eval_every, seq_len=args.seq_len, n_layer=args.n_layer,
@@ -241,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "runs": {},
         "env": {"torch": torch.__version__, "python": platform.python_version(),
                 "threads": torch.get_num_threads(), "platform": platform.platform(),
-                "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None},
+                "cpu_count": os.cpu_count(), "loadavg_start": _loadavg()},
     }
     try:
         import transformers
@@ -262,6 +389,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             run["saved_preconditioner"] = "kfac_preconditioner.pt"
         results["runs"][name] = run
 
+    if args.time_rounds and len(args.optimizers) > 1:
+        _measure_step_time(results, task, hps, args)
+    results["env"]["loadavg_end"] = _loadavg()
+    if "step_time" in results:
+        loads = (results["env"]["loadavg_start"], results["env"]["loadavg_end"])
+        results["timing_unreliable"] = timing_reliability(results["step_time"], loads)
+        results["timing_reliable"] = not results["timing_unreliable"]
+
     plot_losses(results, out / "losses.png")
     results["plot"] = "losses.png"
     results["total_wall_s"] = time.perf_counter() - t_start
@@ -272,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"task={args.task}{vocab}  steps={steps}  seed={args.seed}  "
           f"batch={cfg['batch_size']}  threads={torch.get_num_threads()}")
     print(format_table(results))
+    print(_timing_lines(results))
     comparison = _comparison(results)
     if comparison:
         print(comparison)

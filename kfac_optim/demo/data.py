@@ -5,6 +5,9 @@
   465k characters), with a deterministic held-out tail; or the same text in a
   byte-level BPE vocabulary (8k-16k ids) trained offline on the training part
   with the ``tokenizers`` package.
+- Byte-level language modelling on another domain, for fine-tuning: the running
+  interpreter's own standard-library sources (the top-level ``*.py`` files of
+  ``sysconfig.get_paths()["stdlib"]``, sorted by name), held out by file.
 - scikit-learn's bundled 8x8 ``digits`` (1797 images, 10 classes), with a
   stratified held-out split and inputs standardized on the training split.
 
@@ -15,8 +18,10 @@ Nothing here downloads anything. The BPE vocabulary (tokenizers) and digits
 from __future__ import annotations
 
 import math
+import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +41,9 @@ __all__ = [
     "load_lm_data",
     "load_text_tokens",
     "BPE_EOS",
+    "CodeData",
+    "load_code_data",
+    "stdlib_source_files",
 ]
 
 EOS_ID = 256
@@ -158,6 +166,68 @@ def _load_bpe_data(val_fraction: float, vocab_size: int) -> LMData:
 
     return LMData(train=encode(train_text), val=encode(val_text), vocab_size=size,
                   eos_id=eos, token_bytes=token_bytes, tokenizer=tokenizer)
+
+
+@dataclass(frozen=True)
+class CodeData(LMData):
+    """``LMData`` of source files, split by file.
+
+    Attributes:
+        train_files, val_files: the files (paths relative to the standard library's
+            directory) whose bytes make ``train`` and ``val``, in that order.
+    """
+
+    train_files: tuple[str, ...] = ()
+    val_files: tuple[str, ...] = ()
+
+
+def stdlib_source_files() -> list[Path]:
+    """The top-level ``*.py`` files of this interpreter's standard library, sorted by name
+    (about 170 files, 4.7 MB for CPython 3.11)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.glob("*.py") if p.is_file())
+
+
+def _file_bytes(paths: list[Path]) -> Tensor:
+    parts = []
+    eos = torch.tensor([EOS_ID], dtype=torch.int64)
+    for path in paths:
+        raw = path.read_bytes()
+        if raw:
+            parts.append(torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64))
+        parts.append(eos)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
+def load_code_data(val_every: int = 10) -> CodeData:
+    """Byte ids of the standard library's sources (``stdlib_source_files``), split by file.
+
+    Every ``val_every``-th file in name order (the 10th, 20th, ...) is held out, so no
+    training window shares a file with the held-out text. Each file's raw bytes are
+    followed by ``EOS_ID``, as in ``load_text_tokens``.
+
+    Args:
+        val_every: hold out one file in this many (>= 2).
+
+    Returns:
+        ``CodeData`` with ``(n,)`` int64 ``train`` and ``val`` in ``[0, VOCAB_SIZE)``.
+
+    Raises:
+        ValueError: ``val_every`` < 2, or fewer than ``val_every`` source files found.
+    """
+    if isinstance(val_every, bool) or not isinstance(val_every, int) or val_every < 2:
+        raise ValueError(f"val_every must be an int >= 2, got {val_every!r}")
+    files = stdlib_source_files()
+    if len(files) < val_every:
+        raise ValueError(f"found {len(files)} standard-library sources, need at least "
+                         f"val_every={val_every}")
+    held = [i % val_every == val_every - 1 for i in range(len(files))]
+    train = [f for f, h in zip(files, held, strict=True) if not h]
+    val = [f for f, h in zip(files, held, strict=True) if h]
+    root = files[0].parent
+    return CodeData(train=_file_bytes(train), val=_file_bytes(val),
+                    train_files=tuple(str(f.relative_to(root)) for f in train),
+                    val_files=tuple(str(f.relative_to(root)) for f in val))
 
 
 def lm_batches(tokens: Tensor, batch_size: int, seq_len: int, seed: int) -> Iterator[Tensor]:

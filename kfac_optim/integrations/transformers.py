@@ -9,15 +9,21 @@ optimizer to be created in ``create_optimizer``. So the recipe is a subclass::
                           kfac_kwargs=dict(damping=1e-3, factor_update_steps=10))
     trainer.train()
 
-``lr`` and ``weight_decay`` come from ``TrainingArguments`` (``learning_rate``,
-``weight_decay``), as do ``gradient_accumulation_steps`` and, for the Adam-family bases
-(``kfac_kwargs=dict(base="adamw")`` or ``"grafting"``), ``betas`` and ``eps``
-(``adam_beta1``, ``adam_beta2``, ``adam_epsilon``); ``kfac_kwargs`` overrides any of them.
-Trainer's LR scheduler drives the KFAC param group. Trainer's default ``learning_rate``
-(5e-5) is an AdamW fine-tuning rate: with the SGD-momentum base (``base="sgd"``, K-FAC lrs
-of order 0.1-1) it barely moves the weights, and ``create_optimizer`` warns when it is used
-so. Trainer's ``optimizer.train()/eval()`` calls switch statistics
-capture on and off around evaluation. Padding needs no extra code: labels of -100 and
+Where the learning rate comes from: ``KFAC``'s ``lr`` is ``TrainingArguments.learning_rate``
+(Trainer's default 5e-5) unless ``kfac_kwargs`` gives ``lr``; Trainer's LR scheduler
+(``lr_scheduler_type``, ``warmup_steps``, ...) then drives the KFAC param group's ``lr`` from
+it. ``weight_decay`` comes from ``TrainingArguments.weight_decay``, as do
+``gradient_accumulation_steps`` and, for the Adam-family bases (``"adamw"``,
+``"grafting"``), ``betas`` and ``eps`` (``adam_beta1``, ``adam_beta2``, ``adam_epsilon``);
+``kfac_kwargs`` overrides any of them. The base update is ``kfac_kwargs["base"]``, else
+``KFAC``'s default. Trainer's default ``learning_rate`` (5e-5) is an AdamW fine-tuning rate:
+it means the same with the Adam-family bases, whose steps are Adam-scaled, but with the
+SGD-momentum base (``base="sgd"``, K-FAC lrs of order 0.1-1) it barely moves the weights,
+so ``create_optimizer`` warns when the SGD base meets Trainer's default ``learning_rate``
+(``LR_MEANING`` says, per base, what an lr means).
+
+Trainer's ``optimizer.train()/eval()`` calls switch statistics capture on and off around
+evaluation. Padding needs no extra code: labels of -100 and
 ``attention_mask`` are read from the batch, and ``num_items_in_batch`` (the token count
 Trainer normalises the loss by) from the model call.
 
@@ -52,6 +58,8 @@ transformers raises ``ImportError`` saying so.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import warnings
 from typing import Any
 
@@ -59,11 +67,29 @@ from .._extras import require
 from ..optimizer import KFAC
 
 # The base class is needed at import: this module is the feature (the ``hf`` extra).
-Trainer = require("transformers", "hf", "kfac_optim.integrations.transformers").Trainer
+_transformers = require("transformers", "hf", "kfac_optim.integrations.transformers")
+Trainer = _transformers.Trainer
 
-__all__ = ["KFACTrainer"]
+__all__ = ["KFACTrainer", "LR_MEANING", "trainer_default_lr"]
 
-_TRAINER_DEFAULT_LR = 5e-5  # transformers.TrainingArguments.learning_rate
+# Per base update: None when its steps are Adam-scaled (an AdamW lr such as Trainer's
+# default means the same), else the lr range it needs instead.
+LR_MEANING: dict[str, str | None] = {
+    "sgd": "K-FAC with the SGD-momentum base: lrs of order 0.1-1",
+    "adamw": None,
+    "grafting": None,
+}
+
+
+def trainer_default_lr() -> float:
+    """``transformers.TrainingArguments``' default ``learning_rate`` (5e-5), read from the
+    dataclass."""
+    fields = {f.name: f for f in dataclasses.fields(_transformers.TrainingArguments)}
+    return float(fields["learning_rate"].default)
+
+
+def _kfac_default_base() -> str:
+    return inspect.signature(KFAC.__init__).parameters["base"].default
 
 
 class KFACTrainer(Trainer):
@@ -87,18 +113,27 @@ class KFACTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model: Any = None) -> KFAC:
+        """Build ``KFAC`` on the model once (lr, weight decay, Adam settings from ``args``;
+        see the module docstring).
+
+        Warns:
+            UserWarning: the base update needs another lr scale (``LR_MEANING``) and lr is
+                Trainer's default ``learning_rate``, not set through ``kfac_kwargs``.
+        """
         if self.optimizer is None:
             args = self.args
+            base = self.kfac_kwargs.get("base", _kfac_default_base())
             kw = dict(lr=args.learning_rate, weight_decay=args.weight_decay)
-            if self.kfac_kwargs.get("base", "sgd") != "sgd":
+            if base != "sgd":
                 kw.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
             kw.update(self.kfac_kwargs)
-            if kw.get("base", "sgd") == "sgd" and kw["lr"] == _TRAINER_DEFAULT_LR:
+            needs = LR_MEANING.get(base)
+            if needs and "lr" not in self.kfac_kwargs and kw["lr"] == trainer_default_lr():
                 warnings.warn(
                     f"KFACTrainer: lr={kw['lr']} is TrainingArguments' default learning_rate, an "
-                    "AdamW fine-tuning rate; with K-FAC's SGD-momentum base (base='sgd') it "
-                    "barely moves the weights: set learning_rate (K-FAC with SGD: 0.1-1), or "
-                    "pass kfac_kwargs=dict(base='adamw') to keep AdamW's rate", stacklevel=2)
+                    f"AdamW fine-tuning rate; with base={base!r} it barely moves the weights "
+                    f"({needs}): set learning_rate, or pass kfac_kwargs=dict(base='adamw') to "
+                    "keep AdamW's rate", stacklevel=2)
             self.optimizer = KFAC(self.model if model is None else model, **kw)
             pre = self.optimizer.preconditioner
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
