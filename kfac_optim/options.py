@@ -260,10 +260,11 @@ class KFACOptions:
         1e-2, "lambda > 0, Tikhonov damping in units of the Fisher of the mean loss "
         "(``step(damping=...)`` or a KFAC param group's ``damping`` overrides it per step).",
         check_damping)
-    damping_mode: str = option(
-        "factored", "``\"exact\"``: ``(A (x) G + lambda I)^{-1}``; ``\"factored\"``: "
-        "``(G + lambda_G I)^{-1} V (A + lambda_A I)^{-1}``, the pi-split of Martens & Grosse "
-        "2015, Sec. 6.3.", _choice(DAMPING_MODES))
+    damping_mode: str | None = option(
+        None, "``\"factored\"``: ``(G + lambda_G I)^{-1} V (A + lambda_A I)^{-1}``, the pi-split "
+        "of Martens & Grosse 2015, Sec. 6.3; ``\"exact\"``: ``(A (x) G + lambda I)^{-1}``; "
+        "None (default): ``\"factored\"``, or ``\"exact\"`` with ``eigenvalue_correction`` "
+        "(EKFAC needs it).", _optional(_choice(DAMPING_MODES)))
     damping_scale: str = option(
         "absolute", "``\"absolute\"``: lambda is ``damping`` itself; ``\"relative\"``: "
         "lambda is ``damping`` times each layer's mean Kronecker eigenvalue "
@@ -413,6 +414,8 @@ class KFACOptions:
             raise ValueError("woodbury_reduction='row_sharded' spreads a low-rank G's rows over "
                              "all ranks, inverse_workers='owner' keeps each layer on one rank: "
                              "choose one (accepted with row_sharded: 'replicate', 'assign')")
+        if self.damping_mode is None:
+            self.damping_mode = "exact" if self.eigenvalue_correction else "factored"
         if self.eigenvalue_correction and self.damping_mode != "exact":
             raise ValueError("eigenvalue_correction=True (EKFAC) needs damping_mode='exact' "
                              f"(got damping_mode={self.damping_mode!r})")

@@ -109,4 +109,4 @@ def test_default_policy_keeps_a_large_head_low_rank():
     usage = opt.preconditioner.memory_usage()["layers"]["2"]
     assert usage["total"] < 4096 * 1024 * 4 * 3  # U, its eigenbasis and A: O(o r), not o^2
     row = next(r for r in opt.preconditioner.describe() if r["layer"] == "2")
-    assert row["policy"] == "woodbury" and 0 < row["dropped_G"] < 1
+    assert row["policy"] == "woodbury" and 0 <= row["dropped_G"] < 1  # truncated (not None)

@@ -115,8 +115,8 @@ def test_token_mask_of_the_wrong_shape_is_refused(shape):
 
 def test_second_step_on_the_same_gradients_is_a_noop_with_a_warning():
     model = _two_layers()
-    pre = KFACPreconditioner(model, lr=0.1, kl_clip=None, factor_update_steps=1,
-                             inv_update_steps=1)
+    pre = KFACPreconditioner(model, lr=0.1, kl_clip=None, damping=1e-3, damping_mode="exact",
+                             factor_update_steps=1, inv_update_steps=1)
     _backward(model)
     v = grad_matrix(model[0].weight, model[0].bias)
     pre.step()

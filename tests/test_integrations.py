@@ -93,8 +93,9 @@ def test_trainer_lr_and_adam_settings_come_from_the_arguments(tmp_path):
 
     assert transformers.TrainingArguments(output_dir=str(tmp_path)).learning_rate == 5e-5
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    trainer = KFACTrainer(model=_model(), args=args, train_dataset=_examples())
-    with pytest.warns(UserWarning, match="default learning_rate"):
+    trainer = KFACTrainer(model=_model(), args=args, train_dataset=_examples(),
+                          kfac_kwargs=dict(base="sgd"))
+    with pytest.warns(UserWarning, match="default learning_rate"):  # sgd wants its own lr
         trainer.create_optimizer()
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
                                           adam_beta1=0.8, adam_epsilon=1e-6, weight_decay=0.01)

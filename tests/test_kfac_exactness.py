@@ -70,7 +70,7 @@ def test_type2_kfac_expand_equals_ggn_block_of_deep_linear_network(layer_index, 
         hess = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
     ggn = torch.einsum("rci,rcd,rdj->ij", jac, hess, jac) / rows  # row-major vec of [W | b]
 
-    pre = KFACPreconditioner(model, damping=DAMPING, factor_update_steps=1,
+    pre = KFACPreconditioner(model, damping_mode="exact", damping=DAMPING, factor_update_steps=1,
                              inv_update_steps=1, kl_clip=None, fisher_type="type2")
     out = model(x)
     assert pre.fisher_backward(out, likelihood)

@@ -57,7 +57,7 @@ def test_schedule_matches_explicit_reference():
     inverses at 0, 1, 3, 6 (k = 1 then 3); the factors and the preconditioned gradient of
     every step equal the dense reference."""
     lin = layer()
-    pre = KFACPreconditioner(lin, damping=DAMPING, kl_clip=None, **SCHEDULES)
+    pre = KFACPreconditioner(lin, damping_mode="exact", damping=DAMPING, kl_clip=None, **SCHEDULES)
     ema_a = ema_g = None
     weight = 0.0
     inv = None

@@ -21,19 +21,24 @@ FIXTURE = Path(__file__).parent / "fixtures" / "v0_states.pt"
 CASES = torch.load(FIXTURE, weights_only=False)
 
 
+# 0.1.0's defaults where they differ from today's (the fixture passed only "kwargs")
+V0_DEFAULTS = dict(damping_mode="exact", inverse_policy="eig", woodbury_rank=None)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_release_0_1_0_state_continues_the_run(case):
     saved = CASES[case]
+    kwargs = dict(V0_DEFAULTS, **saved["kwargs"])
     model = Net().double()
     model.load_state_dict(saved["init"])
     opt = KFAC(model, lr=0.05, damping=0.01, factor_update_steps=1, inv_update_steps=2,
-               kl_clip=None, base="sgd", **saved["kwargs"])  # 0.1.0 had only SGD-momentum
+               kl_clip=None, base="sgd", **kwargs)  # 0.1.0 had only SGD-momentum
     data = batches(5)
     train(model, opt, data[:3])  # the same weights as when the state was saved
     fresh = Net().double()
     fresh.load_state_dict(model.state_dict())
     opt2 = KFAC(fresh, lr=0.05, damping=0.01, factor_update_steps=1, inv_update_steps=2,
-                kl_clip=None, **saved["kwargs"])  # the state's groups carry base="sgd"
+                kl_clip=None, **kwargs)  # the state's groups carry base="sgd"
     opt2.load_state_dict(saved["optimizer"])
     assert opt2.state_dict()["kfac"]["version"] == STATE_VERSION
     train(fresh, opt2, data[3:])
