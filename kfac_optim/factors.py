@@ -76,11 +76,13 @@ def input_rows(
     if has_bias:
         rows = _with_bias_column(rows)
     m = rows.new_ones(rows.shape[:2]) if mask is None else mask.to(dtype)
+    if mask is not None:  # without a mask, no multiply by ones (the same values, no copy)
+        rows = rows * m.unsqueeze(-1)
     if approx == "reduce":
         per_sample = m.sum(1)
-        rows = (rows * m.unsqueeze(-1)).sum(1) / per_sample.clamp(min=1).unsqueeze(-1)
+        rows = rows.sum(1) / per_sample.clamp(min=1).unsqueeze(-1)
         return rows, (per_sample > 0).to(dtype).sum()
-    return (rows * m.unsqueeze(-1)).reshape(-1, rows.shape[-1]), m.sum()
+    return rows.reshape(-1, rows.shape[-1]), m.sum()
 
 
 def valid_rows(mask: Tensor | None, approx: str) -> Tensor | None:
@@ -170,9 +172,10 @@ def output_grad_rows(
         ``g``: ``(rows, o)``; ``sum g g^T`` is this call's contribution to ``N G``. Masked
         rows are zero (they add nothing to ``sum g g^T``).
     """
-    grads = grads.to(dtype) * scale
-    if mask is not None:
-        grads = grads * mask.to(dtype).unsqueeze(-1)
+    if mask is None:
+        grads = grads.to(dtype) * scale
+    else:  # one pass: mask is 0 / 1 and scale > 0, so (g scale) mask == g (mask scale)
+        grads = grads.to(dtype) * (mask.to(dtype) * scale).unsqueeze(-1)
     return grads.sum(1) if approx == "reduce" else grads.reshape(-1, grads.shape[-1])
 
 
