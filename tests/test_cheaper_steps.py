@@ -56,10 +56,10 @@ def _pre(model, **kw):
                               inv_update_steps=10**6, **kw)
 
 
-def _draw(pre, model, x, y, mask):
+def _draw(pre, model, x, y, mask, num_loss_rows=None):
     """One factor update on the same batch; returns the batch factors (A, G)."""
     model.zero_grad()
-    pre.set_token_mask(mask)
+    pre.set_token_mask(mask, num_loss_rows)
     _loss_sum(model, x, y, mask).backward()
     pre.step()
     view = pre.layers["lin"]
@@ -116,6 +116,35 @@ def test_subsampled_factors_are_unbiased_and_skip_padding(pad):
     full_a = _within_sampling_error(draws_a, a_rows, limit)
     _within_sampling_error(draws_g, g_rows, limit)
     assert (draws_a[0] - full_a).abs().max() > 1e-3  # a draw is a subsample, not the full A
+
+
+def test_subsampled_reduce_rows_skip_empty_sequences():
+    """``kfac_approx="reduce"``: a row per sample (mean input, summed output gradient); the
+    draw is over samples with a valid position, T their count."""
+    torch.manual_seed(0)
+    model = Tok().double()
+    gen = torch.Generator().manual_seed(2)
+    b = 24
+    x = torch.randn(b, S, D_IN, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, O, (b, S), generator=gen)
+    mask = torch.ones(b, S)
+    mask[:4] = 0  # four empty sequences
+    x[:4] = 1e3
+    mask[4:, S - 3:] = 0
+    xs, gs = probe_layer(model.lin, lambda: _loss_sum(model, x, y, mask))
+    a, g = linear_rows(xs, gs, bias=True)
+    m3 = mask.reshape(b, S, 1)
+    a_red = (a.reshape(b, S, -1) * m3).sum(1)[4:] / m3.sum(1)[4:]
+    g_red = (g.reshape(b, S, -1) * m3).sum(1)[4:]
+    pre = _pre(model, factor_row_limit=6, kfac_approx="reduce")
+    model.zero_grad()
+    pre.set_token_mask(mask, num_loss_rows=b - 4)  # one loss term per (valid) sequence
+    _loss_sum(model, x, y, mask).backward()
+    assert float(pre._layers["lin"].a.pending_count) == b - 4
+    pre.step()
+    draws = [_draw(pre, model, x, y, mask, b - 4) for _ in range(1500)]
+    _within_sampling_error([d[0] for d in draws], a_red, 6)
+    _within_sampling_error([d[1] for d in draws], g_red, 6)
 
 
 def test_row_limit_at_least_the_rows_is_exact():
