@@ -50,10 +50,10 @@ from kfac_optim.demo.data import digits_batches, lm_batches, load_digits_data, l
 SCHEDULES = ((1, 1), (1, 10), (10, 100))
 
 
-def _configs(schedules=SCHEDULES, variants: dict[str, dict[str, Any]] | None = None
-             ) -> list[tuple[str, str, dict[str, Any]]]:
+def _configs(schedules=SCHEDULES, variants: dict[str, dict[str, Any]] | None = None,
+             baselines=("sgd", "adamw")) -> list[tuple[str, str, dict[str, Any]]]:
     """``(label, optimizer, hyperparameter overrides)`` for every timed configuration."""
-    out: list[tuple[str, str, dict[str, Any]]] = [("sgd", "sgd", {}), ("adamw", "adamw", {})]
+    out: list[tuple[str, str, dict[str, Any]]] = [(b, b, {}) for b in baselines]
     for f, i in schedules:
         for vname, extra in {"": {}, **(variants or {})}.items():
             label = f"kfac({f},{i})" + (f" {vname}" if vname else "")
@@ -122,12 +122,13 @@ def _block_len(label: str, hp: dict[str, Any], base: int) -> int:
 
 def bench_model(setup, *, repeats: int, base_steps: int, seed: int,
                 schedules=SCHEDULES, variants: dict[str, dict[str, Any]] | None = None,
-                profile: bool = False) -> dict[str, Any]:
+                profile: bool = False, chunk: int = 0,
+                baselines=("sgd", "adamw")) -> dict[str, Any]:
     """Time every configuration on one model; returns per-configuration samples and ratios
     (and, with ``profile``, each configuration's top operators by self CPU time)."""
     task, desc, build, batches, loss_fn = setup
     runs = []
-    for label, name, overrides in _configs(schedules, variants):
+    for label, name, overrides in _configs(schedules, variants, baselines):
         torch.manual_seed(seed)
         model = build()
         model.train()
@@ -149,19 +150,32 @@ def bench_model(setup, *, repeats: int, base_steps: int, seed: int,
 
     for r in runs:  # warm-up: one full update period, not timed
         run_steps(r, max(5, r["hp"].get("inv_update_steps", 1)))
-    for _ in range(repeats):
+    if chunk:  # every block the same length, run in interleaved chunks of `chunk` steps
+        length = math.lcm(*(r["block"] for r in runs))
+        if length % chunk:
+            raise ValueError(f"--chunk {chunk} must divide the common block, {length} steps")
         for r in runs:
-            r["samples"].append(1000.0 * run_steps(r, r["block"]))
+            r["block"] = length
+    for _ in range(repeats):
+        if not chunk:
+            for r in runs:
+                r["samples"].append(1000.0 * run_steps(r, r["block"]))
+            continue
+        total = {id(r): 0.0 for r in runs}
+        for _ in range(length // chunk):
+            for r in runs:
+                total[id(r)] += run_steps(r, chunk) * chunk
+        for r in runs:
+            r["samples"].append(1000.0 * total[id(r)] / length)
 
-    sgd, adamw = runs[0]["samples"], runs[1]["samples"]
+    by_label = {r["label"]: r["samples"] for r in runs}
     out = {"model": desc, "configs": {}}
     for r in runs:
-        ratios = [s / b for s, b in zip(r["samples"], sgd, strict=True)]
-        to_adamw = [s / b for s, b in zip(r["samples"], adamw, strict=True)]
+        ratios = {f"ratio_to_{b}": statistics.median(
+            [s / t for s, t in zip(r["samples"], by_label[b], strict=True)]) for b in baselines}
         out["configs"][r["label"]] = {
             "ms_per_step": statistics.median(r["samples"]),
-            "ratio_to_sgd": statistics.median(ratios),
-            "ratio_to_adamw": statistics.median(to_adamw),
+            **ratios,
             "samples_ms": r["samples"],
             "block_steps": r["block"],
             "hparams": {k: v for k, v in r["hp"].items() if not isinstance(v, tuple)},
@@ -191,16 +205,18 @@ def format_table(results: dict[str, Any]) -> str:
     model."""
     models = list(results["models"])
     labels = list(results["models"][models[0]]["configs"])
-    head = "| optimizer | " + " | ".join(f"{m} ms/step | {m} x SGD | {m} x AdamW"
-                                          for m in models) + " |"
-    sep = "|---|" + "---:|---:|---:|" * len(models)
+    bases = [b for b in ("sgd", "adamw") if b in results["models"][models[0]]["configs"]]
+    names = {"sgd": "SGD", "adamw": "AdamW"}
+    head = "| optimizer | " + " | ".join(
+        " | ".join([f"{m} ms/step"] + [f"{m} x {names[b]}" for b in bases])
+        for m in models) + " |"
+    sep = "|---|" + ("---:|" * (1 + len(bases))) * len(models)
     lines = [head, sep]
     for label in labels:
         cells = []
         for m in models:
             c = results["models"][m]["configs"][label]
-            cells += [f"{c['ms_per_step']:.1f}", f"{c['ratio_to_sgd']:.2f}",
-                      f"{c['ratio_to_adamw']:.2f}"]
+            cells += [f"{c['ms_per_step']:.1f}"] + [f"{c[f'ratio_to_{b}']:.2f}" for b in bases]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -219,9 +235,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="K-FAC (factor_update_steps,inv_update_steps) pairs, colon-separated")
     p.add_argument("--variants", default="",
                    help="extra K-FAC option sets per schedule: 'name:opt=value,...;name2:...'")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="run every configuration for the same number of steps per round, "
+                        "interleaved in chunks of this many steps (0: one block each)")
+    p.add_argument("--baselines", default="sgd,adamw",
+                   help="comma list of the baselines timed: sgd, adamw (AdamW is required)")
     p.add_argument("--profile", action="store_true",
                    help="also torch.profiler one inverse period of every configuration")
     args = p.parse_args(argv)
+    baselines = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
+    if "adamw" not in baselines or not set(baselines) <= {"sgd", "adamw"}:
+        p.error(f"--baselines {args.baselines!r}: accepted: sgd,adamw or adamw")
     try:
         variants = parse_variants(args.variants)
     except (ValueError, SyntaxError) as err:
@@ -244,13 +268,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python benchmarks/step_overhead.py " + " ".join(argv or sys.argv[1:]),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "loadavg_before": os.getloadavg(), "repeats": args.repeats, "models": {},
+        "loadavg_before": os.getloadavg(), "repeats": args.repeats, "chunk": args.chunk,
+        "models": {},
     }
     for name in names:
         results["models"][name] = bench_model(setups[name](args.seed), repeats=args.repeats,
                                               base_steps=args.steps, seed=args.seed,
                                               schedules=schedules, variants=variants,
-                                              profile=args.profile)
+                                              profile=args.profile, chunk=args.chunk,
+                                              baselines=baselines)
         print(f"{name}: {results['models'][name]['model']} done "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     results["loadavg_after"] = os.getloadavg()
