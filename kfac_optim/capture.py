@@ -26,7 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .factors import embedding_input_statistics, input_rows, output_grad_rows
+from .factors import (
+    RowSample,
+    embedding_input_statistics,
+    input_rows,
+    output_grad_rows,
+    valid_rows,
+)
 from .fisher import backward_to_outputs, check_likelihood, output_vectors
 from .layers import IGNORE_INDEX, LayerCapture, is_causal_lm
 from .options import KFACOptions
@@ -104,6 +110,9 @@ class StatisticsCapture:
             loss normalised over the global token count by the number of processes).
         pending_scale: the GradScaler scale of the statistics pending since the last
             factor update (None when nothing is pending).
+        row_sample: with ``factor_row_limit``, the ``RowSample`` that dense factors are
+            estimated from (its CPU generator seeded with ``torch.initial_seed()`` at
+            construction), else None.
     """
 
     def __init__(self, layers: dict[str, Any], options: KFACOptions,
@@ -120,6 +129,10 @@ class StatisticsCapture:
         self._fisher_outputs: list[tuple[Any, Tensor, BatchContext | None, Tensor]] = []
         self.fisher_missed = 0
         self._generators: dict[torch.device, torch.Generator] = {}
+        self.row_sample: RowSample | None = None
+        if options.factor_row_limit is not None:
+            generator = torch.Generator().manual_seed(torch.initial_seed())
+            self.row_sample = RowSample(options.factor_row_limit, generator)
 
     def register(self, model: nn.Module) -> list:
         """Register the per-layer forward hooks and the root hooks on ``model``; returns
@@ -359,7 +372,11 @@ class StatisticsCapture:
         else:
             approx = opts.kfac_approx
             a_rows, t = input_rows(rows, mask, has_bias=cap.has_bias, approx=approx, dtype=dtype)
-            a_sum = a_rows.t() @ a_rows if with_a else None
+        sample = self.row_sample
+        valid = None if sample is None else valid_rows(mask, approx)
+        if not cap.diagonal_a:
+            a_sum = None if not with_a else (
+                a_rows.t() @ a_rows if sample is None else sample.outer_sum(a_rows, valid))
         n = t if ctx is None or ctx.num_loss_rows is None else ctx.num_loss_rows
         scale = 1.0
         if empirical and opts.loss_reduction == "mean":
@@ -377,9 +394,15 @@ class StatisticsCapture:
         if layer.ekfac_rows is not None:
             layer.ekfac_rows.append(self._ekfac_terms(cap, rows, mask, grad, scale, a_rows,
                                                       g_rows, approx, dtype))
-        if layer.low_rank and mask is not None and approx == "expand":
-            g_rows = g_rows[mask.reshape(-1).bool()]  # padding rows are zero columns of U
-        layer.g.add(g_rows, n if first else 0.0)
+        count = n if first else 0.0
+        if layer.low_rank:
+            if mask is not None and approx == "expand":
+                g_rows = g_rows[mask.reshape(-1).bool()]  # padding rows are zero columns of U
+            layer.g.add(g_rows, count)  # its columns: every row (no subsample)
+        elif sample is not None:
+            layer.g.add_sum(sample.outer_sum(g_rows, valid), count)
+        else:
+            layer.g.add(g_rows, count)
 
     @staticmethod
     def _ekfac_terms(cap: LayerCapture, rows: Tensor, mask: Tensor | None, grad: Tensor,

@@ -38,7 +38,7 @@ from torch import Tensor
 from .inverse import eigh_psd, lowrank_eigh
 
 __all__ = [
-    "KFAC_APPROXIMATIONS", "input_rows", "eigenbasis_second_moments",
+    "KFAC_APPROXIMATIONS", "input_rows", "valid_rows", "RowSample", "eigenbasis_second_moments",
     "embedding_input_statistics", "output_grad_rows", "RunningFactor", "LowRankFactor",
 ]
 
@@ -76,11 +76,63 @@ def input_rows(
     if has_bias:
         rows = _with_bias_column(rows)
     m = rows.new_ones(rows.shape[:2]) if mask is None else mask.to(dtype)
+    if mask is not None:  # without a mask, no multiply by ones (the same values, no copy)
+        rows = rows * m.unsqueeze(-1)
     if approx == "reduce":
         per_sample = m.sum(1)
-        rows = (rows * m.unsqueeze(-1)).sum(1) / per_sample.clamp(min=1).unsqueeze(-1)
+        rows = rows.sum(1) / per_sample.clamp(min=1).unsqueeze(-1)
         return rows, (per_sample > 0).to(dtype).sum()
-    return (rows * m.unsqueeze(-1)).reshape(-1, rows.shape[-1]), m.sum()
+    return rows.reshape(-1, rows.shape[-1]), m.sum()
+
+
+def valid_rows(mask: Tensor | None, approx: str) -> Tensor | None:
+    """Which rows of ``input_rows`` / ``output_grad_rows`` are valid: ``(rows,)`` bool, or
+    None when all are (no mask).
+
+    Args:
+        mask: ``(B, R)`` validity mask or None.
+        approx: ``"expand"`` (a row per position: ``B R`` rows) or ``"reduce"`` (a row per
+            sample with at least one valid position: ``B`` rows).
+    """
+    if mask is None:
+        return None
+    return mask.sum(1) > 0 if approx == "reduce" else mask.reshape(-1) != 0
+
+
+class RowSample:
+    """Subsampled statistics (docs/design.md, "Subsampled statistics").
+
+    For valid rows ``x_1 .. x_T`` (of dimension n) and a sample size ``m = max(limit, n)``
+    with ``T > m``, pick ``S``, m of the T rows uniformly without replacement, and estimate
+
+        sum_{t=1}^T x_t x_t^T  by  (T / m) sum_{t in S} x_t x_t^T,
+
+    unbiased since each row is in S with probability m / T. The count T is left unchanged,
+    so the factor ``sum / T`` and its reduction across ranks (sums and counts summed, then
+    divided) are unbiased too. With ``T <= m`` every row is used, unchanged.
+
+    Args:
+        limit: the option ``factor_row_limit`` (>= 1).
+        generator: the CPU generator the row indices are drawn from.
+    """
+
+    def __init__(self, limit: int, generator: torch.Generator) -> None:
+        self.limit = limit
+        self.generator = generator
+
+    def outer_sum(self, rows: Tensor, valid: Tensor | None) -> Tensor:
+        """``sum_t x_t x_t^T`` ``(n, n)`` of ``rows`` ``(rows, n)``, estimated from a sample
+        of the valid rows (``valid``: ``(rows,)`` bool or None for all) when there are more
+        than ``max(limit, n)`` of them."""
+        size = max(self.limit, rows.shape[1])
+        if (rows.shape[0] if valid is None else int(valid.sum())) <= size:
+            return rows.t() @ rows
+        candidates = (torch.arange(rows.shape[0]) if valid is None
+                      else valid.nonzero().squeeze(1).cpu())
+        total = candidates.numel()
+        pick = candidates[torch.randperm(total, generator=self.generator)[:size]]
+        sample = rows[pick.to(rows.device)]
+        return (sample.t() @ sample) * (total / size)
 
 
 def embedding_input_statistics(
@@ -120,9 +172,10 @@ def output_grad_rows(
         ``g``: ``(rows, o)``; ``sum g g^T`` is this call's contribution to ``N G``. Masked
         rows are zero (they add nothing to ``sum g g^T``).
     """
-    grads = grads.to(dtype) * scale
-    if mask is not None:
-        grads = grads * mask.to(dtype).unsqueeze(-1)
+    if mask is None:
+        grads = grads.to(dtype) * scale
+    else:  # one pass: mask is 0 / 1 and scale > 0, so (g scale) mask == g (mask scale)
+        grads = grads.to(dtype) * (mask.to(dtype) * scale).unsqueeze(-1)
     return grads.sum(1) if approx == "reduce" else grads.reshape(-1, grads.shape[-1])
 
 

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "DAMPING_MODES", "eigh_psd", "lowrank_eigh", "clip_condition", "factored_damping",
+    "DAMPING_MODES", "eigh_psd", "eigh_psd_many", "lowrank_eigh", "clip_condition",
+    "factored_damping",
     "precondition_eig", "damped_inverses", "robust_cholesky", "woodbury_solve",
     "precondition_woodbury_factored", "precondition_woodbury_exact",
 ]
@@ -80,6 +81,56 @@ def eigh_psd(matrix: Tensor, *, dtype: torch.dtype | None = None,
         if bool(torch.isfinite(s).all()) and bool(torch.isfinite(q).all()):
             return s.clamp(min=0).to(out_device, out_dtype), q.to(out_device, out_dtype)
     return None
+
+
+def eigh_psd_many(matrices: Sequence[Tensor], *, dtype: torch.dtype | None = None,
+                  device: torch.device | None = None) -> list[tuple[Tensor, Tensor] | None]:
+    """``eigh_psd`` of every matrix, with one batched ``torch.linalg.eigh`` call per group
+    of matrices of equal shape, dtype and device.
+
+    A matrix holding NaN or Inf, and every member of a group whose batched call raises or
+    returns non-finite values for it, goes through ``eigh_psd`` alone (float64 retry, None
+    on failure), so a bad factor never changes the others' results.
+
+    Args:
+        matrices: ``(n_i, n_i)`` symmetric PSD matrices.
+        dtype, device: as in ``eigh_psd``.
+
+    Returns:
+        ``eigh_psd``'s result for each matrix, in order.
+    """
+    out: list[tuple[Tensor, Tensor] | None] = [None] * len(matrices)
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(matrices):
+        groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
+    for (_, out_dtype, out_device), members in groups.items():
+        alone = members
+        if len(members) > 1:
+            stack = torch.stack([matrices[i] for i in members]).to(device or out_device)
+            finite = torch.isfinite(stack).flatten(1).all(1).tolist()
+            batch = [i for i, ok in zip(members, finite, strict=True) if ok]
+            alone = [i for i, ok in zip(members, finite, strict=True) if not ok]
+            solved = None
+            if len(batch) > 1:
+                try:
+                    solved = torch.linalg.eigh(stack[torch.tensor(finite)].to(dtype or out_dtype))
+                except RuntimeError as err:  # LinAlgError: solve them one by one
+                    log.debug("batched eigh of %d matrices failed: %s", len(batch), err)
+            if solved is None:
+                alone = members
+            else:
+                s, q = solved
+                good = (torch.isfinite(s).all(1) & torch.isfinite(q).flatten(1).all(1)).tolist()
+                for j, i in enumerate(batch):
+                    if good[j]:
+                        # copies: a view would keep (and save) the whole batch
+                        out[i] = (s[j].clamp(min=0).to(out_device, out_dtype),
+                                  q[j].to(out_device, out_dtype, copy=True))
+                    else:
+                        alone.append(i)
+        for i in alone:
+            out[i] = eigh_psd(matrices[i], dtype=dtype, device=device)
+    return out
 
 
 def factored_damping(

@@ -15,11 +15,12 @@ import torch
 from torch import Tensor
 
 from .factors import LowRankFactor, RunningFactor
+from .inverse import eigh_psd_many
 from .layers import LayerCapture, layer_kind
 from .policies import Chooser, Inverse, eigen_a, inverse_from_state
 from .policies.base import nbytes
 
-__all__ = ["KFACLayer", "LayerView"]
+__all__ = ["KFACLayer", "LayerView", "compute_inverses"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -113,26 +114,42 @@ class KFACLayer:
             self.g = (self.g.to_dense() if self.g.cols is not None
                       else RunningFactor(self.a.storage_dtype))
 
-    def compute_inverse(self, reduce_gram: Callable[[Tensor], Tensor] | None = None
+    def dense_factors(self) -> dict[str, Tensor]:
+        """The bias-corrected factors its inverse eigendecomposes with ``eigh``: ``"A"``
+        (d, d) unless A is diagonal, ``"G"`` (o, o) unless G is low-rank."""
+        out = {}
+        if not self.capture.diagonal_a:
+            out["A"] = self.a.value()
+        if not self.low_rank:
+            out["G"] = self.g.value()
+        return out
+
+    def compute_inverse(self, reduce_gram: Callable[[Tensor], Tensor] | None = None,
+                        eigs: dict[str, tuple[Tensor, Tensor] | None] | None = None
                         ) -> Inverse | None:
         """The inverse of the current factors (None when an eigensolver fails in float64).
 
         Args:
             reduce_gram: for a row-sharded G, sums the float64 Gram of the rows over ranks.
+            eigs: ``eigh_psd`` results (None: failed) of ``dense_factors()``, by key, when
+                already computed (``compute_inverses`` batches them); missing keys are
+                computed here.
         """
         opts, cap = self.policy.options, self.capture
+        eigs = {} if eigs is None else eigs
 
         def a_side():
             return eigen_a(self.a.value(), diagonal=cap.diagonal_a,
                            kappa=opts.max_condition_number, dtype=opts.inv_dtype,
-                           device=opts.inv_device)
+                           device=opts.inv_device, eig=eigs.get("A", False))
 
         if self.low_rank:
             return self.policy.woodbury.inverse(a_side, self.g, cap.out_features, reduce_gram)
         a = a_side()
         if a is None:
             return None
-        return self.policy.eig.inverse(a, self.g.value(), ekfac=self.ekfac_rows is not None)
+        return self.policy.eig.inverse(a, self.g.value(), ekfac=self.ekfac_rows is not None,
+                                       eig=eigs.get("G", False))
 
     def nbytes(self) -> dict[str, int]:
         """``factors`` (dense A and G), ``low_rank`` (a low-rank G's U), ``inverses``."""
@@ -193,6 +210,34 @@ class KFACLayer:
                 _to_device(s["inv"], dev), self.policy.options.damping_mode))
         self.nonfinite_skips = int(s.get("nonfinite_skips", 0))
         self.positional = bool(s.get("positional", False))
+
+
+def compute_inverses(layers: list[KFACLayer],
+                     gram_reducer: Callable[[KFACLayer], Callable[[Tensor], Tensor] | None]
+                     ) -> dict[str, Inverse | None]:
+    """``{name: layer.compute_inverse(...)}`` for ``layers``, the dense factors (A's and G's
+    across layers) of equal shape, dtype and device eigendecomposed in one batched ``eigh``
+    call per group (``kfac_optim.inverse.eigh_psd_many``: a non-finite factor is solved
+    alone and fails alone, its layer keeping its last good inverse).
+
+    Args:
+        layers: the layers to invert (each with factors).
+        gram_reducer: ``layer -> reduce_gram`` for ``KFACLayer.compute_inverse``.
+    """
+    if not layers:
+        return {}
+    opts = layers[0].policy.options
+    keys, matrices = [], []
+    for layer in layers:
+        for key, matrix in layer.dense_factors().items():
+            keys.append((layer.name, key))
+            matrices.append(matrix)
+    eigs: dict[str, dict] = {layer.name: {} for layer in layers}
+    solved = eigh_psd_many(matrices, dtype=opts.inv_dtype, device=opts.inv_device)
+    for (name, key), eig in zip(keys, solved, strict=True):
+        eigs[name][key] = eig
+    return {layer.name: layer.compute_inverse(gram_reducer(layer), eigs[layer.name])
+            for layer in layers}
 
 
 class LayerView:

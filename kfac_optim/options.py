@@ -313,6 +313,14 @@ class KFACOptions:
         None, "storage dtype of A and G: None (float32, or float64 for float64 layers), "
         "float32, float64, or bfloat16 / float16 (accumulated in float32).",
         _choice(FACTOR_DTYPES))
+    factor_row_limit: int | None = option(
+        None, "None (every row) or m >= 1: at factor updates, a forward call with more valid "
+        "rows than ``max(m, n)`` forms each dense factor (n x n: A with n = d, G with n = o) "
+        "from a uniform sample of ``max(m, n)`` valid rows without replacement, its sum of "
+        "outer products scaled by T / max(m, n) (unbiased; T, the row count, is unchanged). "
+        "Padding rows are excluded before sampling. A diagonal A (Embedding), a low-rank "
+        "(Woodbury) G and EKFAC's eigenbasis moments keep every row (docs/design.md, "
+        "\"Subsampled statistics\").", _optional(_steps))
     eigenvalue_correction: bool = option(
         False, "EKFAC (George et al. 2018): running second moments of the per-row gradients "
         "in the Kronecker eigenbasis replace ``s_G s_A^T`` (exact damping; layers with a "

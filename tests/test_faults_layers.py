@@ -29,8 +29,8 @@ from tests.test_kfac_numerics import DAMPING, TOL
 def _pre(model, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", KFACCoverageWarning)
-        return KFACPreconditioner(model, damping_mode="exact", damping=DAMPING, factor_update_steps=1,
-                                  inv_update_steps=1, kl_clip=None, **kwargs)
+        return KFACPreconditioner(model, damping_mode="exact", damping=DAMPING,
+                                  factor_update_steps=1, inv_update_steps=1, kl_clip=None, **kwargs)
 
 
 # 1. nn.Conv1d is the (1, k) Conv2d -------------------------------------------------

@@ -195,7 +195,8 @@ def test_lr_scheduler_and_damping_schedule_act_on_param_groups():
     x, y = _batch(7)
     xi, g = probe_layer(model[0], lambda: F.cross_entropy(model(x), y, reduction="sum"))
     a, gg = factors(*linear_rows(xi, g, True), 8, 8)
-    opt2 = KFAC(model, damping_mode="exact", lr=0.1, kl_clip=None, factor_update_steps=1, inv_update_steps=1)
+    opt2 = KFAC(model, damping_mode="exact", lr=0.1, kl_clip=None, factor_update_steps=1,
+                inv_update_steps=1)
     opt2.param_groups[0]["damping"] = 0.25
     opt2.zero_grad()
     F.cross_entropy(model(x), y).backward()
@@ -399,8 +400,8 @@ def test_gpt2_padding_excluded_automatically_against_reference():
     xi, g = probe_layer(layer, lambda: model(input_ids=ids, attention_mask=mask,
                                              labels=labels).loss * n_loss)
     a, gg = factors(*linear_rows(xi[valid], g[valid], True), int(mask.sum()), n_loss)
-    pre = KFACPreconditioner(model, damping_mode="exact", damping=1e-2, kl_clip=None, factor_update_steps=1,
-                             inv_update_steps=1)
+    pre = KFACPreconditioner(model, damping_mode="exact", damping=1e-2, kl_clip=None,
+                             factor_update_steps=1, inv_update_steps=1)
     model.zero_grad()
     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     v = grad_matrix(layer.weight, layer.bias, transpose=True)

@@ -202,7 +202,8 @@ def test_sum_reduction_uses_gradients_as_given():
     case = mlp_case(True, 0)
     x, g = probe_layer(case.layer, lambda: case.loss("sum"))
     a, gg = factors(*linear_rows(x, g, True), 8, 8)
-    pre = KFACPreconditioner(case.model, damping_mode="exact", damping=DAMPING, factor_update_steps=1,
+    pre = KFACPreconditioner(case.model, damping_mode="exact", damping=DAMPING,
+                             factor_update_steps=1,
                              inv_update_steps=1, kl_clip=None, loss_reduction="sum")
     case.model.zero_grad()
     case.loss("sum").backward()
@@ -223,8 +224,8 @@ def test_kl_clip_scale():
         a, gg = factors(*linear_rows(xi, g, True), 8, 8)
         refs.append(a), vs.append(gg)
     lr, kl_clip = 0.5, 1e-4
-    pre = KFACPreconditioner(model, damping_mode="exact", damping=DAMPING, factor_update_steps=1, inv_update_steps=1,
-                             kl_clip=kl_clip, lr=lr)
+    pre = KFACPreconditioner(model, damping_mode="exact", damping=DAMPING, factor_update_steps=1,
+                             inv_update_steps=1, kl_clip=kl_clip, lr=lr)
     _ce(model(x), y, None, "mean").backward()
     grads = [grad_matrix(m.weight, m.bias) for m in layers]
     pres = [kron_exact(v, a, gg, DAMPING) for v, a, gg in zip(grads, refs, vs, strict=True)]
@@ -249,8 +250,8 @@ def test_ema_bias_correction_over_steps():
     w = (decay * (1 - decay), 1 - decay)
     a = (w[0] * stats[0][0] + w[1] * stats[1][0]) / (1 - decay**2)
     gg = (w[0] * stats[0][1] + w[1] * stats[1][1]) / (1 - decay**2)
-    pre = KFACPreconditioner(model, damping_mode="exact", damping=DAMPING, factor_decay=decay, factor_update_steps=1,
-                             inv_update_steps=1, kl_clip=None)
+    pre = KFACPreconditioner(model, damping_mode="exact", damping=DAMPING, factor_decay=decay,
+                             factor_update_steps=1, inv_update_steps=1, kl_clip=None)
     for i, (x, y) in enumerate(batches):
         model.zero_grad()
         _ce(model(x), y, None, "mean").backward()
@@ -293,8 +294,8 @@ def test_module_called_twice_counts_rows_twice_and_loss_terms_once():
     a_rows = torch.cat([linear_rows(xi, g, True)[0] for xi, g in zip(xs, gs, strict=True)])
     g_rows = torch.cat(gs)
     a, gg = factors(a_rows, g_rows, 12, 6)
-    pre = KFACPreconditioner(model, damping_mode="exact", damping=DAMPING, factor_update_steps=1, inv_update_steps=1,
-                             kl_clip=None, skip_layers=("head",))
+    pre = KFACPreconditioner(model, damping_mode="exact", damping=DAMPING, factor_update_steps=1,
+                             inv_update_steps=1, kl_clip=None, skip_layers=("head",))
     _ce(model(x), y, None, "mean").backward()
     v = grad_matrix(lin.weight, lin.bias)
     pre.step()

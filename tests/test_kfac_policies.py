@@ -171,7 +171,8 @@ def test_truncated_auto_stays_woodbury_and_matches_dense_reference():
     batches, decay, r, lam = _batches(), 0.7, 12, 1e-2
     torch.manual_seed(0)
     model = Net().double()
-    pre = KFACPreconditioner(model, damping_mode="exact", damping=lam, factor_decay=decay, factor_update_steps=1,
+    pre = KFACPreconditioner(model, damping_mode="exact", damping=lam, factor_decay=decay,
+                             factor_update_steps=1,
                              inv_update_steps=1, kl_clip=None, inverse_policy="auto",
                              woodbury_rank=r)
     ref_g, weight = torch.zeros(40, 40, dtype=torch.float64), 0.0
@@ -214,7 +215,8 @@ def test_condition_number_clipping_counts_and_matches_reference(policy):
         return q @ torch.diag(s.clamp(min=s.max() / kappa)) @ q.T, n
 
     (a_c, n_a), (g_c, n_g) = clip(a), clip(gg)
-    pre = KFACPreconditioner(model, damping_mode="exact", damping=1e-3, factor_update_steps=1, inv_update_steps=1,
+    pre = KFACPreconditioner(model, damping_mode="exact", damping=1e-3, factor_update_steps=1,
+                             inv_update_steps=1,
                              kl_clip=None, max_condition_number=kappa, inverse_policy=policy)
     F.cross_entropy(model(x), y).backward()
     v = grad_matrix(layer.weight, layer.bias)

@@ -37,7 +37,7 @@ from ..distributed import (
     reduce_symmetric,
     world_size,
 )
-from ..layer import KFACLayer
+from ..layer import KFACLayer, compute_inverses
 from ..policies import Chooser, Inverse, inverse_from_state
 from .lowrank import GatherReduction
 
@@ -251,8 +251,7 @@ class Replicate:
     # Inverses ------------------------------------------------------------------
     def compute_inverses(self, layers: list[KFACLayer]) -> dict[str, Inverse | None]:
         """The new inverse of every layer in ``layers`` (None where a solver failed)."""
-        return {layer.name: layer.compute_inverse(self.lowrank.gram_reducer(layer))
-                for layer in layers}
+        return compute_inverses(layers, self.lowrank.gram_reducer)
 
     # Preconditioning -----------------------------------------------------------
     def layer_damping(self, layer: KFACLayer, damping: float) -> float:

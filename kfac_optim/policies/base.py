@@ -53,13 +53,18 @@ class AEigen:
 
 
 def eigen_a(a: Tensor, *, diagonal: bool, kappa: float | None, dtype: torch.dtype | None,
-            device: torch.device | None) -> AEigen | None:
+            device: torch.device | None, eig: tuple[Tensor, Tensor] | None | bool = False
+            ) -> AEigen | None:
     """``A = Q diag(s) Q^T`` (``eigh_psd``), eigenvalues clipped at ``max(s) / kappa``
-    (``max_condition_number``); None when the eigensolver fails in float64 too."""
+    (``max_condition_number``); None when the eigensolver fails in float64 too.
+
+    ``eig``: ``eigh_psd(a, dtype=dtype, device=device)`` when already computed (e.g. batched
+    by ``eigh_psd_many``; None: it failed), False to compute it here."""
     if diagonal:
         s, q = a, None
     else:
-        eig = eigh_psd(a, dtype=dtype, device=device)
+        if eig is False:
+            eig = eigh_psd(a, dtype=dtype, device=device)
         if eig is None:
             return None
         s, q = eig

@@ -128,10 +128,14 @@ class EigPolicy:
         self.kappa, self.damping_mode = kappa, damping_mode
         self.dtype, self.device = dtype, device
 
-    def inverse(self, a: AEigen, g: Tensor, *, ekfac: bool = False) -> EigInverse | None:
+    def inverse(self, a: AEigen, g: Tensor, *, ekfac: bool = False,
+                eig: tuple[Tensor, Tensor] | None | bool = False) -> EigInverse | None:
         """From A's eigenpairs and the dense bias-corrected G (o, o); None when the
-        eigensolver fails in float64 too."""
-        eig = eigh_psd(g, dtype=self.dtype, device=self.device)
+        eigensolver fails in float64 too. ``eig``: G's ``eigh_psd`` result when already
+        computed (``kfac_optim.inverse.eigh_psd_many``; None: it failed), False to compute
+        it here."""
+        if eig is False:
+            eig = eigh_psd(g, dtype=self.dtype, device=self.device)
         if eig is None:
             return None
         return eig_inverse(a, *eig, kappa=self.kappa, damping_mode=self.damping_mode,
