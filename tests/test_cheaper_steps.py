@@ -283,8 +283,8 @@ def test_batched_inverses_equal_per_layer(monkeypatch, kw):
 def test_batched_inverse_matches_dense_reference_at_inverse_steps():
     torch.manual_seed(0)
     model = Stack().double()
-    pre = KFACPreconditioner(model, damping=0.05, kl_clip=None, factor_update_steps=1,
-                             inv_update_steps=1, factor_decay=0.8)
+    pre = KFACPreconditioner(model, damping_mode="exact", damping=0.05, kl_clip=None,
+                             factor_update_steps=1, inv_update_steps=1, factor_decay=0.8)
     g = torch.Generator().manual_seed(3)
     for _ in range(3):
         x = torch.randn(32, 6, generator=g, dtype=torch.float64)
@@ -325,8 +325,8 @@ def test_first_inverse_at_the_first_factor_update(schedule):
     f, i = schedule
     torch.manual_seed(0)
     model = nn.Linear(5, 3).double()
-    pre = KFACPreconditioner(model, damping=0.1, kl_clip=None, factor_update_steps=f,
-                             inv_update_steps=i)
+    pre = KFACPreconditioner(model, damping_mode="exact", damping=0.1, kl_clip=None,
+                             factor_update_steps=f, inv_update_steps=i)
     x = torch.randn(16, 5, dtype=torch.float64)
     y = torch.randint(0, 3, (16,))
     F.cross_entropy(model(x), y).backward()
