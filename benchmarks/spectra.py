@@ -217,16 +217,9 @@ def hessian_fd_check(model, data, lm: bool, eps: float = 3e-5) -> dict[str, floa
     product = fm.make_operator(model, data, "hessian").matvec(v)
     out = {"fm": float((product - fd).norm() / fd.norm()), "curvlinops": None}
     try:
-        import curvlinops
+        from estimators import curvlinops_operator  # benchmarks/estimators.py
 
-        if lm:
-            net = _LMLogits(model)
-            batches = [(b["input_ids"], b["input_ids"][:, 1:].reshape(-1)) for b in data]
-        else:
-            net, batches = model, [data]
-        params = [p for p in net.parameters() if p.requires_grad]
-        op = curvlinops.HessianLinearOperator(net, nn.CrossEntropyLoss(), params, batches,
-                                              check_deterministic=False).to_scipy()
+        op = curvlinops_operator(model, data, "hessian", lm).to_scipy()
         with sdpa_kernel(SDPBackend.MATH):
             product = torch.from_numpy(op @ v.numpy())
         out["curvlinops"] = float((product - fd).norm() / fd.norm())

@@ -13,18 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfac_optim import KFAC, KFACPreconditioner
-from tests.kfac_reference import (
-    factors,
-    float64_default,  # noqa: F401 (autouse fixture)
-    kron_exact,
-    kron_factored,
-    probe_layer,
-)
-from tests.test_kfac_numerics import CASES, DAMPING, TOL
-
-
-def _relative_lambda(a: torch.Tensor, g: torch.Tensor) -> float:
-    return DAMPING * (torch.trace(a) / a.shape[0] * torch.trace(g) / g.shape[0]).item()
+from tests.kfac_reference import float64_default  # noqa: F401 (autouse fixture)
+from tests.test_kfac_numerics import CASES, DAMPING, TOL, _run
 
 
 @pytest.mark.parametrize("policy", ["eig", "woodbury"])
@@ -34,22 +24,10 @@ def _relative_lambda(a: torch.Tensor, g: torch.Tensor) -> float:
 def test_relative_damping_matches_kron_reference(name, damping_mode, policy):
     torch.manual_seed(0)
     case = CASES[name]()
-    x, g = probe_layer(case.layer, lambda: case.loss("sum"))
-    a_rows, g_rows, t, n = case.rows(x, g)
-    a, gg = factors(a_rows, g_rows, t, n)
-    lam = _relative_lambda(a, gg)
+    got, ref = _run(case, damping_mode, damping_scale="relative", inverse_policy=policy)
+    pre, lam = case.last_run
     assert abs(lam - DAMPING) > 0.1 * DAMPING, "case must make relative differ from absolute"
-    pre = KFACPreconditioner(case.model, damping=DAMPING, damping_mode=damping_mode,
-                             damping_scale="relative", inverse_policy=policy,
-                             factor_update_steps=1, inv_update_steps=1, kl_clip=None)
-    case.model.zero_grad()
-    if case.mask is not None:
-        pre.set_token_mask(case.mask, num_loss_rows=case.num_loss_rows)
-    case.loss("mean").backward()
-    v = case.grad()
-    pre.step()
-    ref = (kron_exact if damping_mode == "exact" else kron_factored)(v, a, gg, lam)
-    torch.testing.assert_close(case.grad(), ref, **TOL)
+    torch.testing.assert_close(got, ref, **TOL)
     row = next(r for r in pre.describe() if r["layer"] == _name_of(case))
     assert row["damping"] == DAMPING
     assert row["layer_damping"] == pytest.approx(lam, rel=1e-10)

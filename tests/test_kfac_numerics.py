@@ -42,6 +42,7 @@ class Case:
     grad: Callable[[], torch.Tensor]
     mask: torch.Tensor | None = None
     num_loss_rows: int | None = None
+    last_run: tuple | None = None  # (preconditioner, reference lambda) of the last _run
 
 
 def _ce(logits, y, mask, reduction):
@@ -167,9 +168,14 @@ CASES = {
 
 
 def _run(case: Case, damping_mode: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K-FAC's preconditioned gradient, the explicit Kronecker solve) on ``case``; under
+    ``damping_scale="relative"`` the reference lambda is DAMPING (tr(A)/d)(tr(G)/o)."""
     x, g = probe_layer(case.layer, lambda: case.loss("sum"))
     a_rows, g_rows, t, n = case.rows(x, g)
     a, gg = factors(a_rows, g_rows, t, n)
+    lam = DAMPING
+    if kwargs.get("damping_scale") == "relative":
+        lam = DAMPING * (torch.trace(a) / a.shape[0] * torch.trace(gg) / gg.shape[0]).item()
     pre = KFACPreconditioner(case.model, damping=DAMPING, damping_mode=damping_mode,
                              factor_update_steps=1, inv_update_steps=1, kl_clip=None, **kwargs)
     case.model.zero_grad()
@@ -178,7 +184,8 @@ def _run(case: Case, damping_mode: str, **kwargs) -> tuple[torch.Tensor, torch.T
     case.loss("mean").backward()
     v = case.grad()
     pre.step()
-    ref = (kron_exact if damping_mode == "exact" else kron_factored)(v, a, gg, DAMPING)
+    ref = (kron_exact if damping_mode == "exact" else kron_factored)(v, a, gg, lam)
+    case.last_run = (pre, lam)
     return case.grad(), ref
 
 
