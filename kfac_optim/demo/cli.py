@@ -229,7 +229,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--weight-decay", type=float, help="weight decay of all three optimizers")
     p.add_argument("--time-steps", type=int,
                    help="steps per interleaved timing block (default: K-FAC's "
-                        "inv_update_steps, 10)")
+                        "inv_update_steps, 20 by default)")
     p.add_argument("--time-rounds", type=int, default=3,
                    help="interleaved timing rounds (3; 0: no timing, no equal-time line)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
@@ -318,7 +318,10 @@ def _measure_step_time(results: dict[str, Any], task: Any, hps: dict[str, dict[s
                        args: argparse.Namespace) -> None:
     """Interleaved per-step times of the demo's optimizers into ``results`` (see
     ``time_interleaved``): the source of the equal-time comparison."""
-    steps = args.time_steps or int(hps.get("kfac", {}).get("inv_update_steps", 10))
+    from ..options import KFACOptions  # the default when the run does not set it
+
+    period = hps.get("kfac", {}).get("inv_update_steps", KFACOptions().inv_update_steps)
+    steps = args.time_steps or (period if isinstance(period, int) else 20)
     ref = _ref_name(hps)
     configs = {name: (name, hps[name]) for name in args.optimizers}
     results["step_time"] = time_interleaved(task, configs, steps=steps,

@@ -6,7 +6,7 @@ optimizer to be created in ``create_optimizer``. So the recipe is a subclass::
 
     from kfac_optim.integrations.transformers import KFACTrainer
     trainer = KFACTrainer(model=model, args=args, train_dataset=ds,
-                          kfac_kwargs=dict(damping=1e-3, factor_update_steps=10))
+                          kfac_kwargs=dict(factor_update_steps=10))  # any KFAC option
     trainer.train()
 
 Where the learning rate comes from: ``KFAC``'s ``lr`` is ``TrainingArguments.learning_rate``
