@@ -37,14 +37,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from spectra import _LMLogits, _version, digits_problem, gpt2_problem
+from spectra import _LMLogits, _version, digits_problem, environment, gpt2_problem
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -247,15 +245,8 @@ def main() -> None:
     rows += run("digits-mlp", *digits, False, "hessian", 60, 3, 20, args.repeats)
     rows += run("gpt2-lm", *gpt2_problem(), True, "ggn", 30, 3, 10, args.repeats)
     total = time.perf_counter() - start
-    env = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "load_average_at_end": os.getloadavg(),
-        "curvlinops": _version("curvlinops-for-pytorch"),
-        "chunk_size": fm.operators.DEFAULT_CHUNK_SIZE,
-    }
+    env = environment(curvlinops=_version("curvlinops-for-pytorch"),
+                      chunk_size=fm.operators.DEFAULT_CHUNK_SIZE)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "OMP_NUM_THREADS=1 python benchmarks/estimators.py"

@@ -228,6 +228,13 @@ def hessian_fd_check(model, data, lm: bool, eps: float = 3e-5) -> dict[str, floa
     return out
 
 
+def environment(**extra) -> dict:
+    """What the JSON records of the machine and libraries (plus ``extra``)."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "platform": platform.platform(), "cpus": os.cpu_count(),
+            "load_average_at_end": os.getloadavg(), **extra}
+
+
 # --------------------------------------------------------------------------- runs
 
 
@@ -349,15 +356,8 @@ def main() -> None:
                   f"{_f(check['curvlinops'], '.1e').strip()}")
         if "reference_warning" in row:
             print(f"{row['problem']} {row['curvature']}: {row['reference_warning']}")
-    env = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "load_average_at_end": os.getloadavg(),
-        "curvlinops": have_curvlinops or _version("curvlinops-for-pytorch"),
-        "scipy": _version("scipy"),
-    }
+    env = environment(curvlinops=have_curvlinops or _version("curvlinops-for-pytorch"),
+                      scipy=_version("scipy"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": "python benchmarks/spectra.py", "k": K, "env": env,
