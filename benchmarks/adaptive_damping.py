@@ -38,8 +38,9 @@ from kfac_optim.demo.data import digits_batches, load_digits_data  # noqa: E402
 def run(damping: float, adaptive: bool, args: argparse.Namespace, data: Any) -> dict:
     torch.manual_seed(args.seed)
     model = DeepAutoencoder()
-    opt = KFAC(model, lr=args.lr, momentum=0.9, damping=damping, factor_update_steps=1,
-               inv_update_steps=10,
+    # the classic K-FAC update the results were measured with (SGD-momentum, exact damping)
+    opt = KFAC(model, lr=args.lr, momentum=0.9, base="sgd", damping=damping,
+               damping_mode="exact", factor_update_steps=1, inv_update_steps=10,
                damping_adaptation="levenberg_marquardt" if adaptive else None,
                damping_min=min(1e-6, damping), damping_max=max(10.0, damping))
     batches = digits_batches(data.x_train, data.x_train, 64, args.seed)

@@ -130,7 +130,8 @@ def worker(args) -> None:
         variants.update({f"eig/replicate/bucket={c:g}": dict(inverse_policy="eig",
                                                               comm_bucket_mb=c) for c in caps})
     for name, kw in variants.items():
-        ms, opt = timed(lambda m, kw=kw: KFAC(m, lr=0.1, kl_clip=1e-3, factor_update_steps=1,
+        ms, opt = timed(lambda m, kw=kw: KFAC(m, lr=0.1, base="sgd", damping_mode="exact",
+                                               kl_clip=1e-3, factor_update_steps=1,
                                                inv_update_steps=args.inv, **kw), args.steps)
         pre = opt.preconditioner
         updates = pre.steps  # one factor update per step
