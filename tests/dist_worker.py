@@ -387,6 +387,15 @@ def main():
     results["rowshard-assign-hybrid"] = compare_preconditioner(
         rank, inverse_policy="hybrid", hybrid_min_out=20, woodbury_reduction="row_sharded",
         inverse_workers="assign", max_condition_number=1e4)
+    # damping_scale="relative": each layer's lambda from its own inverse, equal on every rank
+    for mode in ("exact", "factored"):
+        results[f"relative-eig-{mode}"] = compare_preconditioner(
+            rank, damping_scale="relative", damping_mode=mode)
+        results[f"relative-owner-woodbury-{mode}"] = compare_preconditioner(
+            rank, damping_scale="relative", damping_mode=mode, inverse_policy="woodbury",
+            inverse_workers="owner")
+        results[f"relative-rowshard-{mode}"] = compare_preconditioner(
+            rank, steps=4, damping_scale="relative", damping_mode=mode, **rowshard)
     # 16 columns per update: past 40 at the third step both layers turn dense
     results["rowshard-dense-fallback"] = compare_preconditioner(
         rank, steps=4, woodbury_max_rank=40, **rowshard)

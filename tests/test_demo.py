@@ -85,7 +85,7 @@ def test_lm_demo_smoke(tmp_path, capsys):
 
     # Equal time comes from the interleaved ratios: 3 rounds of K-FAC's inv_update_steps.
     timing = results["step_time"]
-    assert results["step_time_config"] == {"steps": 20, "rounds": 3, "spread_limit": 0.25}  # inv_update_steps
+    assert results["step_time_config"] == {"steps": 20, "rounds": 3, "spread_limit": 0.25}
     assert set(timing) == {"kfac", "adamw", "sgd"} and timing["adamw"]["round_ratios"] == [1.0] * 3
     for t in timing.values():
         assert len(t["samples_ms"]) == 3 and all(ms > 0 for ms in t["samples_ms"])

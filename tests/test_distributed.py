@@ -35,7 +35,11 @@ def results(tmp_path_factory):
                                       "owner-eig-factored", "owner-woodbury-exact",
                                       "owner-woodbury-factored", "owner-kl-clip",
                                       "owner-fsdp-eig", "owner-fsdp-woodbury", "owner-deep",
-                                      "owner-auto", "bucketed", "owner-bucketed"])
+                                      "owner-auto", "bucketed", "owner-bucketed",
+                                      "relative-eig-exact", "relative-eig-factored",
+                                      "relative-owner-woodbury-exact",
+                                      "relative-owner-woodbury-factored",
+                                      "relative-rowshard-exact", "relative-rowshard-factored"])
 def test_two_ranks_equal_single_process(results, scenario):
     r = results[scenario]
     assert r["factors"] < 1e-12

@@ -129,15 +129,23 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _val_loss_at(val_curve: Sequence[Sequence[float]], column: int, x: float) -> float | None:
+    """Held-out loss where column ``column`` (0: step, 1: train seconds) of the curve's
+    ``(step, seconds, val)`` rows equals ``x``, interpolated linearly between evals; None
+    past the end of the curve."""
+    for r0, r1 in zip(val_curve, val_curve[1:], strict=False):
+        x0, x1, v0, v1 = r0[column], r1[column], r0[2], r1[2]
+        if x0 <= x <= x1:
+            return v0 if x1 == x0 else v0 + (v1 - v0) * (x - x0) / (x1 - x0)
+    return None
+
+
 def val_loss_at_time(val_curve: Sequence[Sequence[float]], seconds: float) -> float | None:
     """Held-out loss at ``seconds`` of training time, interpolated linearly between evals.
 
     Returns None when ``seconds`` lies past the end of the curve.
     """
-    for (_, t0, v0), (_, t1, v1) in zip(val_curve, val_curve[1:], strict=False):
-        if t0 <= seconds <= t1:
-            return v0 if t1 == t0 else v0 + (v1 - v0) * (seconds - t0) / (t1 - t0)
-    return None
+    return _val_loss_at(val_curve, 1, seconds)
 
 
 def val_loss_at_step(val_curve: Sequence[Sequence[float]], step: float) -> float | None:
@@ -145,10 +153,7 @@ def val_loss_at_step(val_curve: Sequence[Sequence[float]], step: float) -> float
 
     Returns None when ``step`` lies past the end of the curve.
     """
-    for (s0, _, v0), (s1, _, v1) in zip(val_curve, val_curve[1:], strict=False):
-        if s0 <= step <= s1:
-            return v0 if s1 == s0 else v0 + (v1 - v0) * (step - s0) / (s1 - s0)
-    return None
+    return _val_loss_at(val_curve, 0, step)
 
 
 def reach(val_curve: Sequence[Sequence[float]], target: float) -> tuple[float, float] | None:
