@@ -8,6 +8,7 @@ the largest parameter difference to ``argv[1]``.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import sys
@@ -76,6 +77,8 @@ def main() -> None:
     if rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f)
+    gc.collect()  # the scenarios' DDP reducers go before the group does
+    dist.barrier()  # no rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 
